@@ -1,0 +1,198 @@
+"""cgroup memory files: layout detection, pure parsers, and thin readers.
+
+Parsers take the text of one control file and return values; they never touch the
+filesystem, so fixture strings and property tests exercise them directly (the shape of
+prometheus/procfs). Readers are one function per file and do nothing but read.
+
+Semantics (Documentation/admin-guide/cgroup-v1/memory.rst, cgroup-v2.rst):
+- v1 memory.usage_in_bytes and v2 memory.current are what systemd reports as MemoryCurrent.
+- v1 memory.stat ``total_*`` keys are hierarchical; the bare keys are this cgroup alone.
+- "max" (v2) and the page-rounded LONG_MAX (v1) both mean "no limit".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from enum import Enum
+
+
+class ParseError(ValueError):
+    """A control file whose content is not what the kernel documents."""
+
+
+# v1 reports "unlimited" as LONG_MAX rounded down to the page size; anything at or above
+# this is treated as no limit (memory.rst: "-1" writes become this value).
+V1_UNLIMITED_THRESHOLD = 1 << 62
+
+
+def parse_uint(text: str) -> int:
+    """A kernel decimal: ASCII digits only (int() would also take "1_000", " 7" or "٣")."""
+    if not (text.isascii() and text.isdigit()):
+        raise ParseError(f"expected a non-negative integer, got {text[:40]!r}")
+    return int(text)
+
+
+def parse_single_value(text: str) -> int:
+    """A one-number file (memory.current, memory.usage_in_bytes, memory.failcnt...)."""
+    return parse_uint(text.strip())
+
+
+def parse_limit(text: str) -> int | None:
+    """A v2 limit (memory.max, memory.high, memory.swap.max...): None for "max", no limit."""
+    value = text.strip()
+    return None if value == "max" else parse_uint(value)
+
+
+def parse_v1_limit(text: str) -> int | None:
+    """memory.limit_in_bytes: None when unlimited (the page-rounded LONG_MAX)."""
+    number = parse_single_value(text)
+    return None if number >= V1_UNLIMITED_THRESHOLD else number
+
+
+def parse_flat_keyed(text: str, skipped: list[str] | None = None) -> dict[str, int]:
+    """Flat keyed files: one "key value" pair a line (memory.stat, memory.events, oom_control).
+
+    A malformed line raises ParseError, or, when ``skipped`` is given, is appended to it and
+    left out: one odd key (a wrapped counter, say) must not hide the rest of memory.stat.
+    """
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition(" ")
+        try:
+            if not sep or not key:
+                raise ParseError(f"malformed line {line[:60]!r}")
+            values[key] = parse_uint(value)
+        except ParseError as e:
+            if skipped is None:
+                raise ParseError(f"malformed line {line[:60]!r}") from e
+            skipped.append(line[:60])
+    return values
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """One PSI line's cumulative stall time; the avg* fields are derivable from it in PromQL."""
+
+    some_total_us: int
+    full_total_us: int | None  # memory.pressure always has "full"; kept optional for cpu-like files
+
+
+def parse_pressure(text: str) -> Pressure:
+    """memory.pressure: "some avg10=0.00 avg60=0.00 avg300=0.00 total=123" (+ a "full" line)."""
+    totals: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line:
+            continue
+        kind, _, fields = line.partition(" ")
+        for field in fields.split():
+            name, _, value = field.partition("=")
+            if name == "total":
+                totals[kind] = parse_uint(value)
+    if "some" not in totals:
+        raise ParseError("no 'some ... total=' line")
+    return Pressure(totals["some"], totals.get("full"))
+
+
+def parse_procs(text: str) -> list[int]:
+    """cgroup.procs: one PID a line."""
+    return [parse_uint(line) for line in text.split()]
+
+
+class MemoryVersion(Enum):
+    V1 = "v1"
+    V2 = "v2"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where the memory controller lives and where to find each unit's processes.
+
+    ``memory_root``: the hierarchy holding memory.* files (v1 memory, or the v2 unified root).
+    ``procs_root``: the hierarchy systemd names units in (v2 unified, hybrid's unified, or v1
+    name=systemd). A unit's processes are found there even when it has no memory cgroup.
+    ``pressure_root``: a cgroup2 hierarchy with per-cgroup memory.pressure, if any. On the
+    hybrid layout the unified tree carries PSI files although the memory controller is on v1.
+    """
+
+    name: str  # "unified", "hybrid" or "legacy"
+    memory_version: MemoryVersion | None
+    memory_root: str | None
+    procs_root: str | None
+    pressure_root: str | None
+
+
+def detect_layout(cgroupfs: str) -> Layout:
+    """Decide per controller, from the files under the cgroup mount point (default /sys/fs/cgroup).
+
+    Detection looks at files, not at /proc/mounts, so a fixture tree or a host's cgroupfs
+    bind-mounted elsewhere (--path.cgroupfs) is detected the same way.
+    """
+    unified_controllers = _read_optional(os.path.join(cgroupfs, "cgroup.controllers"))
+    if unified_controllers is not None:
+        has_memory = "memory" in unified_controllers.split()
+        return Layout(
+            name="unified",
+            memory_version=MemoryVersion.V2 if has_memory else None,
+            memory_root=cgroupfs if has_memory else None,
+            procs_root=cgroupfs,
+            pressure_root=cgroupfs,
+        )
+    v1_memory = os.path.join(cgroupfs, "memory")
+    memory_root = v1_memory if os.path.exists(os.path.join(v1_memory, "memory.usage_in_bytes")) else None
+    unified = os.path.join(cgroupfs, "unified")
+    if os.path.exists(os.path.join(unified, "cgroup.procs")):
+        return Layout(
+            name="hybrid",
+            memory_version=MemoryVersion.V1 if memory_root else None,
+            memory_root=memory_root,
+            procs_root=unified,
+            pressure_root=unified,
+        )
+    systemd_v1 = os.path.join(cgroupfs, "systemd")
+    return Layout(
+        name="legacy",
+        memory_version=MemoryVersion.V1 if memory_root else None,
+        memory_root=memory_root,
+        procs_root=systemd_v1 if os.path.isdir(systemd_v1) else memory_root,
+        pressure_root=None,
+    )
+
+
+# The errnos that mean "this cgroup or process went away while we read it": missing data,
+# not an error (below's collector treats cgroups the same way). ESRCH: a process gone
+# between listing and reading /proc/PID.
+VANISHED_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ESRCH})
+
+
+_READ_SIZE = 65536
+
+
+def read_text(path: str) -> str:
+    """One open, one read, one close for any file under 64 KiB.
+
+    stat() sizes of kernel files lie (0 or 4096), so read a fixed chunk; the kernel's
+    seq_file fills a whole buffer per read, so only a full chunk can mean more is left.
+    Raw os calls: a buffered open() costs an extra fstat and ioctl per file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, _READ_SIZE)
+        if len(data) == _READ_SIZE:
+            chunks = [data]
+            while chunk := os.read(fd, _READ_SIZE):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    return data.decode("ascii", errors="replace")
+
+
+def _read_optional(path: str) -> str | None:
+    try:
+        return read_text(path)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,223 @@
+"""Command line: `systemd-memory-exporter [flags]` serves; `... explain [UNIT...]` prints once.
+
+Flags follow node_exporter's spelling. Bad flags print a clear message and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+
+from . import __version__
+from .systemd import CGROUP_UNIT_TYPES, UnitFilter
+
+log = logging.getLogger("exporter")
+
+# 9100-9999 (the Prometheus wiki's exporter port range) is fully allocated; this port is
+# outside it and outside the well-known exporter and kubelet ports.
+DEFAULT_LISTEN = ":10073"
+DEFAULT_INTERVAL = 15.0
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds: {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _interval(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0 seconds")
+    return value
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {e}") from None
+    return text
+
+
+def _types(text: str) -> list[str]:
+    types = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = sorted(set(types) - set(CGROUP_UNIT_TYPES))
+    if unknown or not types:
+        raise argparse.ArgumentTypeError(
+            f"unknown unit type(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(CGROUP_UNIT_TYPES)}"
+        )
+    return types
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path.procfs", dest="procfs", default="/proc", metavar="DIR", help="procfs mount point (default %(default)s)")
+    parser.add_argument(
+        "--path.cgroupfs", dest="cgroupfs", default="/sys/fs/cgroup", metavar="DIR", help="cgroup mount point (default %(default)s)"
+    )
+    parser.add_argument(
+        "--unit.include", dest="include", type=_regex, default=".+", metavar="REGEX",
+        help="only units whose whole name matches (default %(default)s)",
+    )
+    parser.add_argument(
+        "--unit.exclude", dest="exclude", type=_regex, default="", metavar="REGEX", help="drop units whose whole name matches"
+    )
+    parser.add_argument(
+        "--unit.types", dest="types", type=_types, default=list(CGROUP_UNIT_TYPES), metavar="LIST",
+        help=f"comma-separated unit types to report (default {','.join(CGROUP_UNIT_TYPES)})",
+    )
+    parser.add_argument(
+        "--dbus.timeout", dest="dbus_timeout", type=_positive, default=5.0, metavar="SECONDS",
+        help="timeout of every D-Bus call (default %(default)s)",
+    )
+    parser.add_argument(
+        "--systemd.private-socket", dest="private_socket", default="/run/systemd/private", metavar="PATH",
+        help="systemd's own socket, used when no D-Bus daemon answers (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log.level", dest="log_level", default="info", choices=("debug", "info", "warn", "error"),
+        help="log level (default %(default)s)",
+    )
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    serve = argparse.ArgumentParser(
+        prog="systemd-memory-exporter",
+        description="Per-unit memory of systemd units for Prometheus: the cgroup figure systemctl shows, "
+        "the RSS top shows, and the parts that reconcile them. "
+        "Run 'systemd-memory-exporter explain --help' for the one-shot report.",
+    )
+    serve.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    serve.add_argument(
+        "--web.listen-address", dest="listen", default=DEFAULT_LISTEN, metavar="ADDR",
+        help="address to listen on: host:port, [ipv6]:port or :port (default %(default)s)",
+    )
+    serve.add_argument(
+        "--web.telemetry-path", dest="telemetry_path", default="/metrics", metavar="PATH",
+        help="path of the metrics (default %(default)s)",
+    )
+    serve.add_argument(
+        "--web.config.file", dest="web_config_file", default="", metavar="FILE",
+        help="TLS and basic auth configuration, in the Prometheus exporter-toolkit format (needs pyyaml, bcrypt)",
+    )
+    serve.add_argument(
+        "--sample.interval", dest="interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
+        help="seconds between samples; 0 samples on each scrape (default %(default)s)",
+    )
+    _add_common(serve)
+
+    explain = argparse.ArgumentParser(
+        prog="systemd-memory-exporter explain",
+        description="Sample once and print, per unit, what systemctl says, what top says, and the breakdown "
+        "that reconciles them. No server is started.",
+    )
+    explain.add_argument("units", nargs="*", metavar="UNIT", help="units to explain (default: the top ones by cgroup usage)")
+    explain.add_argument("--top", type=int, default=10, metavar="N", help="how many units without UNIT arguments (default %(default)s)")
+    _add_common(explain)
+    return serve, explain
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level={"warn": logging.WARNING}.get(level, getattr(logging, level.upper())),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _unit_filter(args: argparse.Namespace, names: list[str] | None = None) -> UnitFilter:
+    include = "|".join(re.escape(n) for n in names) if names else args.include
+    return UnitFilter.build(include, args.exclude, args.types)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    serve_parser, explain_parser = build_parsers()
+    if argv[:1] == ["explain"]:
+        return run_explain(explain_parser.parse_args(argv[1:]), explain_parser)
+    return run_server(serve_parser.parse_args(argv), serve_parser)
+
+
+def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .explain import explain
+    from .sampler import DiscoveryResult, Sampler, SamplerConfig
+    from .systemd import Discovery, DiscoveryError
+
+    _setup_logging(args.log_level if args.log_level != "info" else "warn")
+    if args.top < 1:
+        parser.error("--top must be at least 1")
+    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout)
+
+    def discover() -> DiscoveryResult:
+        try:
+            return DiscoveryResult(discovery.refresh(), True, "", None, discovery.transport)
+        except DiscoveryError as e:
+            return DiscoveryResult((), False, str(e), None, "none")
+
+    snapshot = Sampler(SamplerConfig(args.procfs, args.cgroupfs, 0), discover).sample()
+    discovery.close()
+    if not snapshot.sources["dbus"].up:
+        print(f"systemd-memory-exporter: {snapshot.sources['dbus'].message}", file=sys.stderr)
+        return 1
+    missing = [n for n in args.units if snapshot.unit(n) is None]
+    sys.stdout.write(explain(snapshot, args.units, args.top))
+    if missing:
+        print(f"systemd-memory-exporter: no loaded unit with a control group named: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .sampler import SamplerConfig
+    from .service import SampleLoop
+    from .web import parse_listen_address, serve
+
+    try:
+        parse_listen_address(args.listen)
+    except ValueError as e:
+        parser.error(str(e))
+    if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
+        parser.error(f"--web.telemetry-path must start with / and not be / itself: {args.telemetry_path!r}")
+    _setup_logging(args.log_level)
+    web_config = None
+    if args.web_config_file:
+        from .webconfig import WebConfigError, load
+
+        try:
+            web_config = load(args.web_config_file)
+        except WebConfigError as e:
+            print(f"systemd-memory-exporter: --web.config.file: {e}", file=sys.stderr)
+            return 1
+    loop = SampleLoop(
+        SamplerConfig(args.procfs, args.cgroupfs, args.interval), _unit_filter(args), args.dbus_timeout, args.private_socket
+    )
+    try:
+        server = serve(loop, args.listen, args.telemetry_path, web_config)
+    except OSError as e:
+        print(f"systemd-memory-exporter: cannot listen on {args.listen}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    loop.start()
+    log.info(
+        "systemd-memory-exporter %s listening on %s%s, sampling every %gs",
+        __version__, args.listen, args.telemetry_path, args.interval,
+    )
+
+    def shutdown(signum, _frame):
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    try:
+        server.serve_forever()
+    finally:
+        loop.stop()
+        server.server_close()
+    return 0

@@ -1,0 +1,196 @@
+"""A cgroup's memory figures in one vocabulary for v1 and v2 (pure: file texts in, values out).
+
+v2 names are the vocabulary; v1's hierarchical ``total_*`` keys map onto them. Every figure is
+optional: a kernel that lacks a file or key leaves it absent, never 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from .cgroupfs import MemoryVersion, ParseError, Pressure, parse_flat_keyed, parse_limit, parse_pressure, parse_single_value, parse_v1_limit
+
+# Files read per cgroup, each once per cycle. Order is the order they are read in.
+V1_FILES = (
+    "memory.usage_in_bytes",
+    "memory.stat",
+    "memory.limit_in_bytes",
+    "memory.max_usage_in_bytes",
+    "memory.failcnt",
+    "memory.oom_control",
+    "memory.kmem.usage_in_bytes",
+)
+V2_FILES = (
+    "memory.current",
+    "memory.stat",
+    "memory.max",
+    "memory.high",
+    "memory.low",
+    "memory.min",
+    "memory.swap.current",
+    "memory.swap.max",
+    "memory.peak",
+    "memory.events",
+)
+PRESSURE_FILE = "memory.pressure"
+
+# v1 memory.stat hierarchical key -> v2 name (cgroup-v1/memory.rst section 5.2). v1 "rss" is
+# anonymous memory plus swap cache: the closest v1 has to v2 "anon".
+V1_STAT_NAMES = {
+    "total_rss": "anon",
+    "total_cache": "file",
+    "total_shmem": "shmem",
+    "total_mapped_file": "file_mapped",
+    "total_dirty": "file_dirty",
+    "total_writeback": "file_writeback",
+    "total_active_anon": "active_anon",
+    "total_inactive_anon": "inactive_anon",
+    "total_active_file": "active_file",
+    "total_inactive_file": "inactive_file",
+    "total_unevictable": "unevictable",
+    "total_swapcached": "swapcached",
+}
+
+# v2 memory.stat keys exported as systemd_unit_memory_stat_bytes items (cgroup-v2.rst,
+# "memory.stat"). The workingset_*/pg* event counters are left out to bound cardinality.
+V2_STAT_ITEMS = (
+    "anon",
+    "file",
+    "shmem",
+    "file_mapped",
+    "file_dirty",
+    "file_writeback",
+    "active_anon",
+    "inactive_anon",
+    "active_file",
+    "inactive_file",
+    "unevictable",
+    "kernel",
+    "kernel_stack",
+    "pagetables",
+    "percpu",
+    "sock",
+    "vmalloc",
+    "slab",
+    "slab_reclaimable",
+    "slab_unreclaimable",
+    "swapcached",
+)
+STAT_ITEMS = V2_STAT_ITEMS  # v1 items are a subset, plus "kernel" from memory.kmem.usage_in_bytes
+
+V2_EVENTS = ("low", "high", "max", "oom", "oom_kill", "oom_group_kill")
+LIMITS = ("max", "high", "low", "min", "swap_max")
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupMemory:
+    version: MemoryVersion
+    usage: int | None
+    stat: Mapping[str, int]  # v2 vocabulary, STAT_ITEMS keys only
+    swap: int | None
+    limits: Mapping[str, int]  # only limits that are set
+    events: Mapping[str, int]
+    peak: int | None
+    pressure: Pressure | None = None
+
+    @property
+    def page_cache(self) -> int | None:
+        return self.stat.get("file")
+
+    @property
+    def working_set(self) -> int | None:
+        """cAdvisor's and the kubelet's definition: usage - inactive_file, floored at 0."""
+        inactive_file = self.stat.get("inactive_file")
+        if self.usage is None or inactive_file is None:
+            return None
+        return max(self.usage - inactive_file, 0)
+
+    def with_pressure(self, pressure: Pressure | None) -> "CgroupMemory":
+        return CgroupMemory(
+            self.version, self.usage, self.stat, self.swap, self.limits, self.events, self.peak, pressure
+        )
+
+
+# Parse problems met while building one CgroupMemory: (file name, message) pairs. A bad file
+# leaves its figures absent; the other files of the cgroup are still used.
+Problems = list[tuple[str, str]]
+
+
+def _parse(files: Mapping[str, str], name: str, parser: Callable, problems: Problems):
+    text = files.get(name)
+    if text is None:
+        return None
+    try:
+        return parser(text)
+    except ParseError as e:
+        problems.append((name, str(e)))
+        return None
+
+
+def _parse_keyed(files: Mapping[str, str], name: str, problems: Problems) -> dict[str, int]:
+    """A flat keyed file; malformed lines are reported and skipped, the good ones kept."""
+    text = files.get(name)
+    if text is None:
+        return {}
+    skipped: list[str] = []
+    values = parse_flat_keyed(text, skipped)
+    problems.extend((name, f"skipped malformed line {line!r}") for line in skipped)
+    return values
+
+
+def memory_from_v1(files: Mapping[str, str], problems: Problems) -> CgroupMemory:
+    """``files``: file name -> text for the V1_FILES that could be read."""
+    raw_stat = _parse_keyed(files, "memory.stat", problems)
+    stat = {v2: raw_stat[v1] for v1, v2 in V1_STAT_NAMES.items() if v1 in raw_stat}
+    kernel = _parse(files, "memory.kmem.usage_in_bytes", parse_single_value, problems)
+    if kernel is not None:
+        stat["kernel"] = kernel
+    limits = {}
+    limit = _parse(files, "memory.limit_in_bytes", parse_v1_limit, problems)
+    if limit is not None:
+        limits["max"] = limit
+    events = {}
+    failcnt = _parse(files, "memory.failcnt", parse_single_value, problems)
+    if failcnt is not None:
+        events["max"] = failcnt  # times usage hit the limit: v2's "max" event
+    oom_control = _parse_keyed(files, "memory.oom_control", problems)
+    if "oom_kill" in oom_control:  # kernel 4.13+
+        events["oom_kill"] = oom_control["oom_kill"]
+    return CgroupMemory(
+        version=MemoryVersion.V1,
+        usage=_parse(files, "memory.usage_in_bytes", parse_single_value, problems),
+        stat=MappingProxyType(stat),
+        # total_swap exists only with swap accounting (memory.memsw.* files): absent otherwise.
+        swap=raw_stat.get("total_swap"),
+        limits=MappingProxyType(limits),
+        events=MappingProxyType(events),
+        peak=_parse(files, "memory.max_usage_in_bytes", parse_single_value, problems),
+    )
+
+
+def memory_from_v2(files: Mapping[str, str], problems: Problems) -> CgroupMemory:
+    raw_stat = _parse_keyed(files, "memory.stat", problems)
+    stat = {item: raw_stat[item] for item in V2_STAT_ITEMS if item in raw_stat}
+    limits = {}
+    for limit in LIMITS:
+        value = _parse(files, "memory." + limit.replace("_", "."), parse_limit, problems)
+        # "max" parses to None (no limit); 0 is the unset value of the protections low/min.
+        if value is not None and not (limit in ("low", "min") and value == 0):
+            limits[limit] = value
+    raw_events = _parse_keyed(files, "memory.events", problems)
+    events = {event: raw_events[event] for event in V2_EVENTS if event in raw_events}
+    return CgroupMemory(
+        version=MemoryVersion.V2,
+        usage=_parse(files, "memory.current", parse_single_value, problems),
+        stat=MappingProxyType(stat),
+        swap=_parse(files, "memory.swap.current", parse_single_value, problems),
+        limits=MappingProxyType(limits),
+        events=MappingProxyType(events),
+        peak=_parse(files, "memory.peak", parse_single_value, problems),
+    )
+
+
+def parse_pressure_file(files: Mapping[str, str], problems: Problems) -> Pressure | None:
+    return _parse(files, PRESSURE_FILE, parse_pressure, problems)

@@ -1,0 +1,108 @@
+"""The immutable result of one sample cycle: what /metrics, `explain` and the landing page show.
+
+A raw sample (optional figures as read) kept apart from what is derived from it, as in
+below's sample/model split: the derivations live in ``Breakdown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .cgroupfs import Layout
+from .memory import CgroupMemory
+from .systemd import Unit
+
+SOURCES = ("dbus", "cgroup", "procfs")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessTotals:
+    """Sums over every process in a cgroup subtree (bytes), from /proc/PID/status."""
+
+    processes: int = 0
+    rss_anon: int = 0
+    rss_file: int = 0
+    rss_shmem: int = 0
+    swap: int = 0  # VmSwap: private anonymous swap
+
+    @property
+    def rss(self) -> int:
+        """top's RES / ps's RSS, summed."""
+        return self.rss_anon + self.rss_file + self.rss_shmem
+
+
+@dataclass(frozen=True, slots=True)
+class UnitSample:
+    unit: Unit
+    processes: ProcessTotals
+    memory: CgroupMemory | None  # None: no memory cgroup (accounting off on v1, or vanished)
+    pss: int | None = None  # only with --collector.pss
+    uss: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    up: bool
+    last_success: float | None  # unix time
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    taken_at: float  # unix time the cycle started
+    interval: float
+    layout: Layout
+    units: tuple[UnitSample, ...]
+    phase_seconds: Mapping[str, float]  # wall time per phase of this cycle
+    cpu_seconds: float  # CPU time of this cycle (sampler thread)
+    sources: Mapping[str, SourceHealth]
+    errors: Mapping[tuple[str, str], int]  # (source, reason) -> count since start
+    vanished: Mapping[str, int]  # "process"/"cgroup" -> count since start
+    samples_total: int
+    dbus_transport: str
+
+    def unit(self, name: str) -> UnitSample | None:
+        return next((u for u in self.units if u.unit.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Breakdown:
+    """Why systemctl's figure differs from top's, for one unit. Bytes; None where unknown.
+
+    cgroup side: usage ~= anon + file + kernel (+ a remainder the kernel does not itemise,
+    and v1's usage_in_bytes "fuzz"). file = shmem + mapped file + unmapped page cache.
+    """
+
+    systemctl: int | None  # cgroup usage, what `systemctl status` shows as Memory:
+    top: int  # summed RSS of the unit's processes
+    anon: int | None
+    mapped_file: int | None
+    unmapped_cache: int | None  # reclaimable page cache nobody maps
+    shmem: int | None  # tmpfs/shm: looks like cache, cannot be dropped without swap
+    kernel: int | None
+    remainder: int | None  # usage minus the parts above
+    swap: int | None  # not part of usage
+
+    @classmethod
+    def of(cls, sample: UnitSample) -> "Breakdown":
+        memory = sample.memory
+        top = sample.processes.rss
+        if memory is None:
+            return cls(None, top, None, None, None, None, None, None, None)
+        stat = memory.stat
+        anon, file, shmem = stat.get("anon"), stat.get("file"), stat.get("shmem")
+        mapped_file = unmapped = None
+        if file is not None and shmem is not None:
+            # file_mapped also counts mapped shmem; cap it so the parts never exceed file.
+            mapped_file = min(stat.get("file_mapped", 0), max(file - shmem, 0))
+            unmapped = max(file - shmem - mapped_file, 0)
+        kernel = stat.get("kernel")
+        remainder = None
+        if memory.usage is not None and None not in (anon, file):
+            remainder = memory.usage - anon - file - (kernel or 0)
+        return cls(memory.usage, top, anon, mapped_file, unmapped, shmem, kernel, remainder, memory.swap)
+
+    @property
+    def gap(self) -> int | None:
+        return None if self.systemctl is None else self.systemctl - self.top

@@ -1,0 +1,216 @@
+"""HTTP: /metrics from the published snapshot, a landing page, and the exporter's own process
+metrics. A thin shell: everything it shows comes from the snapshot.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+
+from . import __version__
+from .explain import human_bytes
+from .service import Published, SampleLoop
+from .snapshot import Breakdown
+from .webconfig import WebConfig
+
+log = logging.getLogger(__name__)
+
+# The classic text format, which every Prometheus version parses.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _self_registry() -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+class ExporterServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # Bounded work per connection: a slow or idle client is dropped after this many seconds.
+    request_timeout = 10.0
+    max_connections = 64
+
+    def __init__(
+        self, address: tuple[str, int], loop: SampleLoop, telemetry_path: str, family: int, web_config: WebConfig | None = None
+    ):
+        self.address_family = family
+        self.loop = loop
+        self.telemetry_path = telemetry_path
+        self.self_registry = _self_registry()
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.web_config = web_config
+        super().__init__(address, Handler)
+        if web_config is not None and web_config.tls is not None:
+            # TLS handshakes happen in each connection's thread (process_request_thread), not in accept.
+            self.socket = web_config.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=True)
+
+    def process_request(self, request, client_address):
+        # More than max_connections at once wait in the listen backlog instead of each
+        # getting a thread: slow clients cannot multiply threads without bound.
+        self.slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            if self.web_config is None or self.web_config.handshake(request, self.request_timeout):
+                super().process_request_thread(request, client_address)
+            else:
+                self.shutdown_request(request)
+        finally:
+            self.slots.release()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ExporterServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"systemd-memory-exporter/{__version__}"
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout
+        super().setup()
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        web_config = self.server.web_config
+        if web_config is not None and not web_config.authorized(self.headers.get("Authorization")):
+            self._unauthorized()  # before any route: nothing is served without the password
+            return
+        path = self.path.partition("?")[0]
+        if path == self.server.telemetry_path:
+            self._metrics()
+        elif path == "/":
+            self._landing()
+        else:
+            self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def _metrics(self) -> None:
+        loop = self.server.loop
+        published = loop.latest(wait=max(loop.dbus_timeout * 2, 10.0))
+        started = time.perf_counter()
+        own = generate_latest(self.server.self_registry)
+        gzip_ok = "gzip" in self.headers.get("Accept-Encoding", "")
+        if published is None:
+            self._send(503, b"# no sample yet\n" + own, CONTENT_TYPE)
+            return
+        render_line = (
+            "# HELP systemd_memory_exporter_render_duration_seconds Time to render and compress the latest snapshot.\n"
+            "# TYPE systemd_memory_exporter_render_duration_seconds gauge\n"
+            f"systemd_memory_exporter_render_duration_seconds {published.render_seconds!r}\n"
+        ).encode()
+        if gzip_ok:
+            import gzip
+
+            # The snapshot part was compressed once; gzip members may be concatenated (RFC 1952).
+            tail = gzip.compress(own + render_line, compresslevel=1, mtime=0)
+            body = published.body_gzip + tail
+        else:
+            body = published.body + own + render_line
+        log.debug("scrape served in %.1f ms", (time.perf_counter() - started) * 1000)
+        self._send(200, body, CONTENT_TYPE, gzip_ok)
+
+    def _landing(self) -> None:
+        published = self.server.loop.latest()
+        self._send(200, landing_page(published, self.server.telemetry_path).encode(), "text/html; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, content_type: str, gzipped: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _unauthorized(self) -> None:
+        body = b"Unauthorized\n"
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="systemd-memory-exporter"')
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def end_headers(self) -> None:
+        if self.server.web_config is not None:  # http_server_config.headers, on every response
+            for name, value in self.server.web_config.headers.items():
+                self.send_header(name, value)
+        super().end_headers()
+
+    do_HEAD = do_GET
+
+
+def landing_page(published: Published | None, telemetry_path: str) -> str:
+    rows = []
+    status = "no sample yet"
+    if published is not None:
+        snapshot = published.snapshot
+        status = (
+            f"{len(snapshot.units)} units, sampled {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snapshot.taken_at))} "
+            f"in {snapshot.phase_seconds.get('total', 0) * 1000:.0f} ms; "
+            + ", ".join(f"{name} {'up' if h.up else 'DOWN'}" for name, h in snapshot.sources.items())
+        )
+        ranked = sorted(snapshot.units, key=lambda s: (s.memory.usage or 0) if s.memory else 0, reverse=True)
+        for sample in ranked:
+            b = Breakdown.of(sample)
+            cells = [sample.unit.name, sample.unit.type, str(sample.processes.processes)] + [
+                human_bytes(v) for v in (b.systemctl, b.top, b.anon, b.unmapped_cache, b.shmem, b.kernel, b.swap)
+            ]
+            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    headers = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "unit",
+            "type",
+            "processes",
+            "systemctl (cgroup)",
+            "top (RSS)",
+            "anon",
+            "unmapped cache",
+            "shmem/tmpfs",
+            "kernel",
+            "swap",
+        )
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>systemd-memory-exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
+<body><h1>systemd-memory-exporter {html.escape(__version__)}</h1>
+<p><a href="{html.escape(telemetry_path)}">Metrics</a></p>
+<p>{html.escape(status)}</p>
+<table><tr>{headers}</tr>
+{''.join(rows)}
+</table></body></html>
+"""
+
+
+def serve(loop: SampleLoop, listen: str, telemetry_path: str, web_config: WebConfig | None = None) -> ExporterServer:
+    host, port = parse_listen_address(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return ExporterServer((host, port), loop, telemetry_path, family, web_config)
+
+
+def parse_listen_address(listen: str) -> tuple[str, int]:
+    """node_exporter's form: "host:port", "[v6]:port" or ":port" (all interfaces)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid listen address {listen!r}: want host:port, [ipv6]:port or :port")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)

@@ -1,0 +1,197 @@
+"""Pure parsers: text in, values out; no filesystem. Bad input raises ParseError, never
+anything else (the property tests at the bottom hold every parser to that)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.cgroupfs import (
+    ParseError,
+    parse_flat_keyed,
+    parse_pressure,
+    parse_procs,
+    parse_limit,
+    parse_single_value,
+    parse_v1_limit,
+)
+from exporter.memory import memory_from_v1, memory_from_v2
+from exporter.procfs import NO_USER_MEMORY, parse_status
+
+# /proc/PID/status of a `cat` on the development host (kernel 6.18), cut to its memory part
+# plus the "Threads:" line that marks a complete file.
+STATUS = """Name:\tcat
+Umask:\t0022
+State:\tR (running)
+VmPeak:\t    3060 kB
+VmRSS:\t    1708 kB
+RssAnon:\t     112 kB
+RssFile:\t    1596 kB
+RssShmem:\t       0 kB
+VmSwap:\t      16 kB
+Threads:\t1
+"""
+
+# A kernel thread's status has no Vm*/Rss* lines (kthreadd on the same host).
+KTHREAD_STATUS = "Name:\tkthreadd\nUmask:\t0000\nState:\tS (sleeping)\nKthread:\t1\nThreads:\t1\n"
+
+
+def test_status_fields_in_bytes():
+    m = parse_status(STATUS)
+    assert (m.rss_anon, m.rss_file, m.rss_shmem, m.swap) == (112 * 1024, 1596 * 1024, 0, 16 * 1024)
+
+
+def test_kernel_thread_holds_no_user_memory():
+    assert parse_status(KTHREAD_STATUS) == NO_USER_MEMORY
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        STATUS[: STATUS.index("RssFile")],  # truncated mid-file
+        STATUS.replace("112 kB", "lots kB"),
+        STATUS.replace("112 kB", "-112 kB"),
+        STATUS.replace("112 kB", "112 MB"),
+        "",
+        "\x00\xff garbage",
+    ],
+)
+def test_bad_status_is_a_parse_error(text):
+    with pytest.raises(ParseError):
+        parse_status(text)
+
+
+def test_single_values():
+    assert parse_single_value("167518208\n") == 167518208
+    assert parse_limit("max\n") is None and parse_limit("4096\n") == 4096
+    for bad in ("", "-1", "12abc", "1.5", "max", "max max"):
+        with pytest.raises(ParseError):
+            parse_single_value(bad)
+
+
+def test_v1_limit_unlimited_is_absent():
+    # What an unlimited v1 cgroup shows on x86_64 (LONG_MAX rounded to 4 KiB pages).
+    assert parse_v1_limit("9223372036854771712\n") is None
+    assert parse_v1_limit("67108864\n") == 64 << 20
+
+
+def test_flat_keyed():
+    assert parse_flat_keyed("anon 10\nfile 20\n") == {"anon": 10, "file": 20}
+    for bad in ("anon\n", "anon ten\n", "anon -1\n", " 10\n"):
+        with pytest.raises(ParseError):
+            parse_flat_keyed(bad)
+
+
+def test_pressure_totals():
+    # Format from Documentation/accounting/psi.rst ("Pressure interface").
+    text = "some avg10=0.00 avg60=0.00 avg300=0.00 total=1234\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=567\n"
+    p = parse_pressure(text)
+    assert (p.some_total_us, p.full_total_us) == (1234, 567)
+    with pytest.raises(ParseError):
+        parse_pressure("full avg10=0.00 total=5\n")
+    with pytest.raises(ParseError):
+        parse_pressure("some total=x\n")
+
+
+def test_procs():
+    assert parse_procs("1\n20\n300\n") == [1, 20, 300]
+    assert parse_procs("") == []
+    with pytest.raises(ParseError):
+        parse_procs("12\nabc\n")
+
+
+def test_v1_maps_total_keys_to_v2_names_and_reads_events():
+    files = {
+        "memory.usage_in_bytes": "1000\n",
+        "memory.stat": "cache 1\nrss 2\ntotal_cache 300\ntotal_rss 400\ntotal_shmem 50\ntotal_mapped_file 60\n"
+        "total_inactive_file 100\ntotal_swap 7\n",
+        "memory.limit_in_bytes": "9223372036854771712\n",
+        "memory.failcnt": "3\n",
+        "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        "memory.kmem.usage_in_bytes": "90\n",
+    }
+    problems = []
+    m = memory_from_v1(files, problems)
+    assert problems == []
+    assert m.usage == 1000 and m.page_cache == 300 and m.swap == 7
+    assert dict(m.stat) == {"file": 300, "anon": 400, "shmem": 50, "file_mapped": 60, "inactive_file": 100, "kernel": 90}
+    assert m.working_set == 900
+    assert dict(m.limits) == {}  # unlimited: absent
+    assert dict(m.events) == {"max": 3, "oom_kill": 2}
+    assert m.peak is None  # file not given: absent, not 0
+
+
+def test_v1_without_swap_accounting_has_no_swap():
+    m = memory_from_v1({"memory.usage_in_bytes": "1\n", "memory.stat": "total_cache 0\n"}, [])
+    assert m.swap is None
+
+
+def test_v2_limits_max_is_absent_and_zero_protection_is_unset():
+    files = {
+        "memory.current": "5000\n",
+        "memory.stat": "anon 1000\nfile 3000\ninactive_file 6000\nkernel 200\npgfault 9\n",
+        "memory.max": "max\n",
+        "memory.high": "4096\n",
+        "memory.low": "0\n",
+        "memory.min": "8192\n",
+        "memory.swap.max": "max\n",
+        "memory.events": "low 0\nhigh 4\nmax 1\noom 1\noom_kill 1\noom_group_kill 0\n",
+    }
+    m = memory_from_v2(files, [])
+    assert dict(m.limits) == {"high": 4096, "min": 8192}
+    assert m.working_set == 0  # floored: inactive_file can exceed usage in a racy read
+    assert "pgfault" not in m.stat
+    assert m.events["oom_kill"] == 1 and m.events["high"] == 4
+    assert m.swap is None  # no memory.swap.current: the kernel cannot tell
+
+
+def test_one_bad_file_leaves_the_others():
+    problems = []
+    m = memory_from_v2({"memory.current": "garbage\n", "memory.stat": "anon 5\n"}, problems)
+    assert m.usage is None and m.stat["anon"] == 5
+    assert [name for name, _ in problems] == ["memory.current"]
+
+
+# Property tests: whatever bytes a file holds, a parser returns a value or raises ParseError.
+PARSERS = [parse_single_value, parse_limit, parse_v1_limit, parse_flat_keyed, parse_pressure, parse_procs, parse_status]
+texts = st.one_of(
+    st.text(max_size=300),
+    st.binary(max_size=300).map(lambda b: b.decode("ascii", errors="replace")),
+    st.lists(st.sampled_from(["anon", "max", "-1", "total=", "some", "kB", "RssAnon:", "\t", " ", "\n", "9" * 30]))
+    .map("".join),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, st.sampled_from(PARSERS))
+def test_parsers_raise_only_parse_error(text, parser):
+    try:
+        parser(text)
+    except ParseError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[a-z_]{1,20}", fullmatch=True), st.integers(0, 2**64 - 1), max_size=30))
+def test_flat_keyed_round_trip(values):
+    text = "".join(f"{k} {v}\n" for k, v in values.items())
+    assert parse_flat_keyed(text) == values
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(["memory.current", "memory.stat", "memory.max", "memory.events",
+                                               "memory.swap.current", "memory.peak", "memory.high"])), texts))
+def test_v2_builder_never_raises(files):
+    problems = []
+    m = memory_from_v2(files, problems)
+    assert all(v >= 0 for v in m.stat.values())
+    if m.working_set is not None:
+        assert m.working_set >= 0
+
+
+def test_one_malformed_stat_line_keeps_the_rest():
+    problems = []
+    m = memory_from_v2({"memory.stat": "anon 5\nfile -3\nshmem 2\n"}, problems)
+    assert dict(m.stat) == {"anon": 5, "shmem": 2}
+    assert problems == [("memory.stat", "skipped malformed line 'file -3'")]

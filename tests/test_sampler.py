@@ -1,0 +1,165 @@
+"""The sampler and renderer on fixture trees: real kernel files captured from real hosts
+(each tree's SOURCE.md says which), read through the same code as a live /sys and /proc.
+
+The golden /metrics files make the whole contract visible in review; regenerate them with
+UPDATE_GOLDEN=1 after a deliberate change, and read the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from exporter.render import render
+from exporter.sampler import DiscoveryResult, Sampler, SamplerConfig
+from exporter.snapshot import Breakdown
+from exporter.systemd import Unit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TREES = ["hybrid", "v2"]
+# Families whose values are clock readings; everything else in a fixture render is fixed.
+_VOLATILE = re.compile(
+    r"^systemd_memory_exporter_(last_sample_timestamp|sample_duration|sample_cpu|source_last_success|build_info)"
+)
+
+
+def load_units(tree: Path) -> tuple[Unit, ...]:
+    return tuple(Unit(**u) for u in json.loads((tree / "units.json").read_text()))
+
+
+def sample_tree(tree: Path, units: tuple[Unit, ...] | None = None, interval: float = 15):
+    units = load_units(tree) if units is None else units
+    config = SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup"), interval=interval)
+    sampler = Sampler(config, lambda: DiscoveryResult(units, True, "", 1.0, "system_bus"))
+    return sampler.sample()
+
+
+def _metric_name(line: str) -> str:
+    return line.split()[2] if line.startswith("#") else line.split("{")[0].split()[0]
+
+
+def stable_render(snapshot) -> str:
+    lines = render(snapshot).decode().splitlines()
+    return "".join(line + "\n" for line in lines if not _VOLATILE.match(_metric_name(line)))
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_golden_metrics(name):
+    tree = FIXTURES / name
+    text = stable_render(sample_tree(tree))
+    golden = tree / "metrics.golden"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"render of {name} changed; rerun with UPDATE_GOLDEN=1 and review the diff"
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_golden_passes_promtool(name):
+    promtool = shutil.which("promtool")
+    if promtool is None and not os.environ.get("CI"):
+        pytest.skip("promtool not installed (tests/prerequisites.sh installs it)")
+    result = subprocess.run([promtool, "check", "metrics"], input=(FIXTURES / name / "metrics.golden").read_bytes(), capture_output=True)
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_rss_sums_equal_the_status_files(name):
+    """Independent arithmetic: sum every status file of every PID in the subtree by hand."""
+    tree = FIXTURES / name
+    snapshot = sample_tree(tree)
+    procs_root = tree / "sys/fs/cgroup" / ("" if name == "v2" else "unified")
+    checked = 0
+    for sample in snapshot.units:
+        directory = procs_root / sample.unit.control_group.lstrip("/")
+        expected = 0
+        count = 0
+        for procs in directory.rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                if pid == "0":  # outside the captured host's PID namespace
+                    continue
+                status = (tree / "proc" / pid / "status").read_text()
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                if "RssAnon" in fields:
+                    expected += int(fields["RssAnon"].split()[0]) * 1024
+                count += 1
+        assert sample.processes.rss_anon == expected, sample.unit.name
+        assert sample.processes.processes == count, sample.unit.name
+        checked += count
+    assert checked > 0
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_usage_and_cache_come_from_the_right_files(name):
+    tree = FIXTURES / name
+    snapshot = sample_tree(tree)
+    v2 = name == "v2"
+    memory_root = tree / "sys/fs/cgroup" / ("" if v2 else "memory")
+    seen = 0
+    for sample in snapshot.units:
+        directory = memory_root / sample.unit.control_group.lstrip("/")
+        usage_file = directory / ("memory.current" if v2 else "memory.usage_in_bytes")
+        if not usage_file.exists():
+            assert sample.memory is None
+            continue
+        seen += 1
+        stat = dict(line.split() for line in (directory / "memory.stat").read_text().splitlines())
+        assert sample.memory.usage == int(usage_file.read_text())
+        assert sample.memory.page_cache == int(stat["file" if v2 else "total_cache"])
+        b = Breakdown.of(sample)
+        parts = [b.anon, b.mapped_file, b.unmapped_cache, b.shmem, b.kernel or 0, b.remainder]
+        assert sum(parts) == b.systemctl, "the breakdown must add up to systemctl's figure exactly"
+    assert seen > 0
+
+
+def test_unit_names_keep_systemd_escapes():
+    tree = FIXTURES / "hybrid"
+    names = [u.name for u in load_units(tree)]
+    escaped = [n for n in names if "\\x2d" in n]
+    assert escaped, "the hybrid fixture should hold a unit whose name has a \\x2d escape"
+    text = render(sample_tree(tree)).decode()
+    # The exposition format escapes a backslash as \\ inside label values.
+    assert f'unit="{escaped[0].replace(chr(92), chr(92) * 2)}"' in text
+
+
+def test_vanished_unit_disappears_without_error(tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(FIXTURES / "hybrid", tree)
+    units = load_units(tree)
+    before = sample_tree(tree, units)
+    victim = next(u for u in units if u.type == "service")
+    for hierarchy in ("memory", "unified"):
+        shutil.rmtree(tree / "sys/fs/cgroup" / hierarchy / victim.control_group.lstrip("/"), ignore_errors=True)
+    snapshot = sample_tree(tree, units)
+    assert snapshot.unit(victim.name) is None
+    assert len(snapshot.units) == len(before.units) - 1
+    assert not snapshot.errors
+    assert snapshot.sources["cgroup"].up and snapshot.sources["procfs"].up
+
+
+def test_bad_tree_reports_every_other_unit_and_counts_errors():
+    """tests/fixtures/bad: the hybrid capture with files truncated, garbled, set to max,
+    negative, enormous, missing and unreadable (see its SOURCE.md)."""
+    good = sample_tree(FIXTURES / "hybrid")
+    snapshot = sample_tree(FIXTURES / "bad")
+    assert {s.unit.name for s in snapshot.units} == {s.unit.name for s in good.units}
+    bad = {s.unit.name: s for s in snapshot.units}
+    assert bad["hog.service"].memory.usage is None  # empty file: absent, not 0
+    assert bad["hog.service"].memory.stat == good.unit("hog.service").memory.stat  # its other files still count
+    assert bad["th-shm-2.service"].memory.usage is None  # "max" is no usage figure
+    assert "max" not in bad["th-multi-3.service"].memory.events
+    assert bad["th-multi-3.service"].memory.peak == 99999999999999999999999999999
+    assert bad["th-nested-4.service"].memory.page_cache is None  # memory.stat missing
+    assert bad["th-nested-4.service"].memory.usage == good.unit("th-nested-4.service").memory.usage
+    journald = bad["systemd-journald.service"].memory.stat
+    assert (journald["file"], journald["anon"], "shmem" in journald) == (100, 18446744073709551615, False)
+    assert snapshot.errors[("cgroup", "parse")] == 6  # usage x2, stat, failcnt, journald's shmem line, cgroup.procs
+    assert snapshot.errors[("cgroup", "io")] == 1  # the directory in place of memory.limit_in_bytes
+    assert snapshot.errors[("procfs", "parse")] == 2
+    assert not snapshot.sources["cgroup"].up
+    render(snapshot)  # renders without raising
