@@ -1,0 +1,232 @@
+"""The truth test: the exporter runs inside a real systemd (tests/testhost), talks pystemd to
+its D-Bus, and every figure is checked against what systemctl and /proc say there.
+
+The same checks run on cgroup v2 in the QEMU guest (tests/vm); helpers shared with it live
+in tests/truth.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from tests.testhost import workloads
+from tests.truth import MiB, ExporterClient, free_port, proc_sums_script
+
+pytestmark = pytest.mark.e2e
+
+INTERVAL = 1.0
+
+
+@pytest.fixture(scope="module")
+def exporter(testhost):
+    """The exporter as a real process inside the host, serving on the shared loopback."""
+    port = free_port()
+    started = time.monotonic()
+    proc = testhost.popen(
+        ["python3", "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}", f"--sample.interval={INTERVAL:g}",
+         "--log.level=debug"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    client = ExporterClient(f"http://127.0.0.1:{port}/metrics", INTERVAL)
+    try:
+        client.wait_ready(timeout=10)
+        client.ready_seconds = time.monotonic() - started
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        assert "Traceback" not in out, out
+
+
+@pytest.fixture(scope="module")
+def units(testhost, exporter):
+    """One of each workload, started once for the module."""
+    started = {
+        "anon": workloads.anon_hog(testhost, 150),
+        "cache": workloads.page_cache_reader(testhost, 200),
+        "shm": workloads.shm_writer(testhost, 100),
+        "multi": workloads.multi_process(testhost, children=4, mib=20),
+        "nested": workloads.nested_slice(testhost),
+        "escaped": workloads.escaped_name(testhost),
+    }
+    exporter.next_sample()
+    yield started
+    workloads.stop_units(testhost, started.values())
+
+
+def test_serves_within_a_few_seconds(exporter):
+    assert exporter.ready_seconds < 5
+
+
+def test_anon_hog_shows_its_anonymous_memory(exporter, units):
+    m = exporter.scrape()
+    assert m.value("systemd_unit_memory_bytes", unit=units["anon"], type="rss_anon") >= 140 * MiB
+    assert m.value("systemd_unit_memory_stat_bytes", unit=units["anon"], item="anon") >= 140 * MiB
+
+
+def test_page_cache_reader_shows_cache_not_rss(exporter, units):
+    m = exporter.scrape()
+    unit = units["cache"]
+    assert m.value("systemd_unit_memory_bytes", unit=unit, type="page_cache") >= 180 * MiB
+    rss = m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") + m.value(
+        "systemd_unit_memory_bytes", unit=unit, type="rss_file"
+    )
+    assert rss < 40 * MiB
+
+
+def test_tmpfs_writer_shows_shmem_inside_page_cache(exporter, units):
+    m = exporter.scrape()
+    unit = units["shm"]
+    shmem = m.value("systemd_unit_memory_stat_bytes", unit=unit, item="shmem")
+    assert shmem >= 95 * MiB
+    assert m.value("systemd_unit_memory_bytes", unit=unit, type="page_cache") >= shmem
+
+
+def test_every_unit_usage_equals_systemctl_memory_current(testhost, exporter, units):
+    m = exporter.scrape()
+    names = m.label_values("systemd_unit_info", "unit")
+    assert set(units.values()) <= names
+    shown = _show_all(testhost, names, "MemoryCurrent", "ControlGroup")
+    compared = 0
+    for name in names:
+        current = shown[name]["MemoryCurrent"]
+        usage = m.get("systemd_unit_memory_bytes", unit=name, type="cgroup_usage")
+        if current == "[not set]":
+            assert usage is None, f"{name}: systemd has no MemoryCurrent, the exporter must not invent one"
+            continue
+        assert usage == pytest.approx(int(current), rel=0.02), name
+        compared += 1
+        assert m.labels_of("systemd_unit_info", unit=name)["control_group"] == shown[name]["ControlGroup"]
+    assert compared >= len(units)
+
+
+def test_rss_equals_proc_sums_for_the_same_pids(testhost, exporter, units):
+    """Sum /proc/PID/status inside the host, independently of the exporter's code."""
+    for key in ("anon", "multi", "nested"):
+        unit = units[key]
+        cgroup = testhost.unit_cgroup(unit)
+        sums = proc_sums_script(f"/sys/fs/cgroup/unified{cgroup}")
+        expected = {k: int(v) for k, v in (x.split("=") for x in testhost.run(["python3", "-c", sums]).stdout.split())}
+        m = exporter.scrape()
+        assert m.value("systemd_unit_processes", unit=unit) == expected["processes"]
+        for kind in ("rss_anon", "rss_file", "rss_shmem"):
+            assert m.value("systemd_unit_memory_bytes", unit=unit, type=kind) == pytest.approx(
+                expected[kind], rel=0.02, abs=256 * 1024
+            ), (unit, kind)
+
+
+def test_multi_process_unit_counts_its_processes(exporter, units):
+    m = exporter.scrape()
+    assert m.value("systemd_unit_processes", unit=units["multi"]) == 5
+    # Forked children share their parent's pages: summed RSS exceeds what the cgroup holds.
+    assert m.value("systemd_unit_memory_bytes", unit=units["multi"], type="rss_anon") >= 80 * MiB
+
+
+def test_nested_slices_contain_their_service(testhost, exporter, units):
+    m = exporter.scrape()
+    service = m.value("systemd_unit_memory_bytes", unit=units["nested"], type="cgroup_usage")
+    for slice_name in ("th-outer-inner.slice", "th-outer.slice", "th.slice"):
+        assert m.value("systemd_unit_memory_bytes", unit=slice_name, type="cgroup_usage") >= service * 0.98
+        assert m.value("systemd_unit_memory_bytes", unit=slice_name, type="rss_anon") >= m.value(
+            "systemd_unit_memory_bytes", unit=units["nested"], type="rss_anon"
+        )
+
+
+def test_escaped_unit_name_is_labelled_as_systemd_spells_it(testhost, exporter, units):
+    name = units["escaped"]
+    assert "\\x2d" in name
+    listed = testhost.systemctl("list-units", "--plain", "--no-legend", "--", name).split()[0]
+    assert listed == name
+    assert exporter.scrape().value("systemd_unit_memory_bytes", unit=name, type="rss_anon") >= 9 * MiB
+
+
+def test_stopped_unit_series_disappear_at_the_next_sample(testhost, exporter):
+    unit = workloads.anon_hog(testhost, 20)
+    exporter.next_sample()
+    assert exporter.scrape().get("systemd_unit_memory_bytes", unit=unit, type="rss_anon") is not None
+    workloads.stop_units(testhost, [unit])
+    stopped = time.monotonic()
+    exporter.next_sample()
+    m = exporter.scrape()
+    assert time.monotonic() - stopped <= 2 * INTERVAL + 1
+    assert not [s for s in m.samples if s.labels.get("unit") == unit]
+
+
+def test_short_lived_units_come_and_go_without_errors(testhost, exporter):
+    before = exporter.scrape().total("systemd_memory_exporter_errors_total")
+    workloads.short_lived(testhost, count=5, lifetime=INTERVAL * 1.5)
+    exporter.next_sample()
+    m = exporter.scrape()
+    assert m.total("systemd_memory_exporter_errors_total") == before
+    assert not [u for u in m.label_values("systemd_unit_info", "unit") if u.startswith("th-short")]
+
+
+def test_self_health_is_up(exporter, units):
+    m = exporter.scrape()
+    for source in ("dbus", "cgroup", "procfs"):
+        assert m.value("systemd_memory_exporter_source_up", source=source) == 1, source
+    assert m.value("systemd_memory_exporter_cgroup_layout_info", layout="hybrid", memory_controller="v1") == 1
+    assert time.time() - m.value("systemd_memory_exporter_last_sample_timestamp_seconds") < 3 * INTERVAL + 2
+
+
+def test_promtool_check_metrics_is_clean_on_a_live_scrape(exporter, units):
+    body = exporter.scrape_text()
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def test_explain_reconciles_the_workloads(testhost, units):
+    names = [units["anon"], units["cache"], units["shm"]]
+    out = testhost.run(["python3", "-m", "exporter", "explain", *names]).stdout
+    for name in names:
+        assert name in out
+    sections = {name: out[out.index(name):] for name in names}
+    assert "reclaimable page cache" in sections[units["cache"]].split("\n\n")[0]  # the cache verdict
+    assert "tmpfs/shared memory" in sections[units["shm"]].split("\n\n")[0]
+    assert "agree" in sections[units["anon"]].split("\n\n")[0]
+    current = int(testhost.show(units["cache"], "MemoryCurrent")["MemoryCurrent"])
+    assert f"{current / MiB:.1f} MiB" in sections[units["cache"]] or f"{current / MiB + 0.1:.1f} MiB" in sections[units["cache"]]
+
+
+def test_explain_unknown_unit_fails_clearly(testhost):
+    r = testhost.run(["python3", "-m", "exporter", "explain", "no-such.service"], check=False)
+    assert r.returncode == 1
+    assert "no-such.service" in r.stderr
+
+
+def test_private_socket_fallback_without_dbus(testhost, exporter, units):
+    """With dbus-daemon stopped, discovery goes to /run/systemd/private and keeps up."""
+    testhost.systemctl("stop", "dbus.socket", "dbus.service")
+    try:
+        unit = workloads.anon_hog(testhost, 10)  # systemd-run works over the private socket as root
+        deadline = time.monotonic() + 10 * INTERVAL
+        while time.monotonic() < deadline:
+            m = exporter.scrape()
+            if m.get("systemd_memory_exporter_dbus_transport_info", transport="private_socket") == 1 and m.get(
+                "systemd_unit_memory_bytes", unit=unit, type="rss_anon"
+            ):
+                break
+            time.sleep(INTERVAL / 2)
+        else:
+            pytest.fail("the exporter did not switch to the private socket")
+        assert m.value("systemd_memory_exporter_source_up", source="dbus") == 1
+        workloads.stop_units(testhost, [unit])
+    finally:
+        testhost.systemctl("start", "dbus.socket", "dbus.service")
+
+
+def _show_all(host, names, *props) -> dict[str, dict[str, str]]:
+    """`systemctl show` for many units in one call: blocks separated by blank lines, in order."""
+    ordered = sorted(names)
+    out = host.systemctl("show", *(f"--property={p}" for p in props), "--", *ordered)
+    blocks = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line) for block in out.strip().split("\n\n")]
+    assert len(blocks) == len(ordered)
+    return dict(zip(ordered, blocks))

@@ -1,0 +1,115 @@
+"""Helpers for the truth tests on real systems (tests/test_e2e.py on the v1 test host,
+tests/vm on the cgroup v2 guest): scrape and query the exporter, sum /proc independently."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Scrape:
+    samples: list[Sample]
+
+    @classmethod
+    def parse(cls, text: str) -> "Scrape":
+        return cls([s for family in text_string_to_metric_families(text) for s in family.samples])
+
+    def _matching(self, name: str, labels: dict[str, str]) -> list[Sample]:
+        return [s for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    def get(self, name: str, **labels: str) -> float | None:
+        found = self._matching(name, labels)
+        assert len(found) <= 1, f"{name}{labels} matches {len(found)} series"
+        return found[0].value if found else None
+
+    def value(self, name: str, **labels: str) -> float:
+        value = self.get(name, **labels)
+        assert value is not None, f"no series {name}{labels}"
+        return value
+
+    def labels_of(self, name: str, **labels: str) -> dict[str, str]:
+        found = self._matching(name, labels)
+        assert len(found) == 1, f"{name}{labels} matches {len(found)} series"
+        return found[0].labels
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        return {s.labels[label] for s in self.samples if s.name == name and label in s.labels}
+
+    def total(self, name: str) -> float:
+        return sum(s.value for s in self.samples if s.name == name)
+
+
+class ExporterClient:
+    def __init__(self, url: str, interval: float):
+        self.url = url
+        self.interval = interval
+        self.ready_seconds: float | None = None
+
+    def scrape_text(self) -> str:
+        with urllib.request.urlopen(self.url, timeout=10) as response:
+            return response.read().decode()
+
+    def scrape(self) -> Scrape:
+        return Scrape.parse(self.scrape_text())
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until a scrape shows units discovered over D-Bus."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                m = self.scrape()
+                if m.get("systemd_memory_exporter_source_up", source="dbus") == 1 and m.label_values(
+                    "systemd_unit_info", "unit"
+                ):
+                    return
+            except OSError as e:
+                last_error = e
+            time.sleep(0.1)
+        raise TimeoutError(f"exporter at {self.url} not ready after {timeout}s (last error: {last_error})")
+
+    def next_sample(self, timeout: float | None = None) -> None:
+        """Wait for a sample that started after this call: what happened before is in it."""
+        called = time.time()
+        deadline = time.monotonic() + (timeout or 5 * self.interval + 5)
+        while time.monotonic() < deadline:
+            if self.scrape().value("systemd_memory_exporter_last_sample_timestamp_seconds") > called:
+                return
+            time.sleep(self.interval / 10)
+        raise TimeoutError("no new sample")
+
+
+def proc_sums_script(cgroup_dir: str) -> str:
+    """Python source that prints processes=N rss_anon=B rss_file=B rss_shmem=B for every
+    process in ``cgroup_dir``'s subtree, straight from /proc (run it inside the host)."""
+    return f"""
+import os
+pids = set()
+for d, _, files in os.walk({cgroup_dir!r}):
+    pids.update(int(p) for p in open(os.path.join(d, "cgroup.procs")).read().split() if p != "0")
+sums = dict(processes=0, rss_anon=0, rss_file=0, rss_shmem=0)
+for pid in pids:
+    try:
+        fields = dict(l.split(":", 1) for l in open(f"/proc/{{pid}}/status") if ":" in l)
+    except FileNotFoundError:
+        continue
+    sums["processes"] += 1
+    for key, name in (("RssAnon", "rss_anon"), ("RssFile", "rss_file"), ("RssShmem", "rss_shmem")):
+        if key in fields:
+            sums[name] += int(fields[key].split()[0]) * 1024
+print(" ".join(f"{{k}}={{v}}" for k, v in sums.items()))
+"""
