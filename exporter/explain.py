@@ -32,7 +32,9 @@ def explain_unit(sample: UnitSample) -> str:
         f"{unit.name}  ({unit.active_state}/{unit.sub_state}, {totals.processes} "
         f"process{'es' if totals.processes != 1 else ''}, cgroup {unit.control_group})"
     ]
-    row = "  {:<34}{:>11}  {}".format
+    def row(label: str, value: str, note: str) -> str:
+        return f"  {label:<34}{value:>11}  {note}".rstrip()
+
     lines.append(row("systemctl says (cgroup usage)", human_bytes(b.systemctl), "MemoryCurrent, systemd-cgtop"))
     lines.append(
         row(
@@ -88,8 +90,14 @@ def verdict(b: Breakdown) -> str:
             f"Verdict: {human_bytes(b.shmem)} is tmpfs/shared memory ({_percent(b.shmem, b.systemctl)}): "
             "it is real memory use that page-cache reclaim cannot free. Check files in /dev/shm or tmpfs."
         )
-    if b.gap <= max(b.systemctl // 10, 16 << 20):
+    if abs(b.gap) <= max(b.systemctl // 10, 16 << 20):
         return "Verdict: systemctl and top agree to within 10 %: the processes' memory is the unit's memory."
+    if b.gap < 0:
+        return (
+            f"Verdict: top counts {human_bytes(-b.gap)} more than the cgroup holds: summed RSS counts pages shared "
+            "between processes (forks, libraries) once per process, and file pages first read by another cgroup "
+            "are charged there. PSS (--collector.pss) counts shared pages once."
+        )
     return f"Verdict: systemctl counts {human_bytes(b.gap)} more than top; the parts above say where it is."
 
 

@@ -1,0 +1,145 @@
+"""The command line and the HTTP shell, as a user meets them: a real process, real sockets.
+
+These run without systemd (as on this development machine outside the test host): the
+exporter must say so, keep serving its own health, and retry."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from exporter.systemd import UnitFilter
+from tests.truth import Scrape, free_port
+
+NO_SYSTEMD = {
+    # Point both transports at nothing, whatever the machine has.
+    "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent/system_bus_socket",
+}
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **NO_SYSTEMD})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sample.interval=-1"], "must be >= 0"),
+        (["--sample.interval=soon"], "not a number of seconds"),
+        (["--unit.include=("], "invalid regular expression"),
+        (["--unit.types=service,target"], "unknown unit type(s) target"),
+        (["--web.listen-address=localhost"], "invalid listen address"),
+        (["--web.listen-address=:99999"], "invalid listen address"),
+        (["--web.telemetry-path=metrics"], "--web.telemetry-path must start with /"),
+        (["--dbus.timeout=0"], "must be > 0"),
+        (["--no-such-flag"], "unrecognized arguments"),
+        (["explain", "--top=0"], "--top must be at least 1"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_clear_message(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_flag():
+    out = run_cli("--help").stdout
+    for flag in ("--web.listen-address", "--web.telemetry-path", "--sample.interval", "--path.procfs",
+                 "--path.cgroupfs", "--unit.include", "--unit.exclude", "--unit.types", "--log.level",
+                 "--dbus.timeout", "--systemd.private-socket"):
+        assert flag in out
+
+
+def test_explain_without_systemd_fails_clearly():
+    result = run_cli("explain", "--systemd.private-socket=/nonexistent/private")
+    assert result.returncode == 1
+    assert "cannot reach systemd" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def server(request):
+    """A real exporter process on a loopback port; extra flags from the test's parametrization."""
+    port = free_port()
+    flags = getattr(request, "param", ["--sample.interval=0.5"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}",
+         "--systemd.private-socket=/nonexistent/private", "--dbus.timeout=1", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **NO_SYSTEMD},
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            urllib.request.urlopen(base + "/metrics", timeout=5).read()
+            break
+        except (OSError, urllib.error.HTTPError):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("exporter did not start: " + proc.communicate()[0])
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    out = proc.communicate(timeout=10)[0]
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+
+
+def get(url: str, headers: dict[str, str] | None = None):
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10)
+
+
+def test_without_systemd_it_serves_health_and_says_why(server):
+    m = Scrape.parse(get(server + "/metrics").read().decode())
+    assert m.value("systemd_memory_exporter_source_up", source="dbus") == 0
+    assert m.value("systemd_memory_exporter_dbus_transport_info", transport="none") == 1
+    assert m.value("systemd_memory_exporter_units") == 0
+    assert m.get("process_resident_memory_bytes") > 0
+    samples = m.value("systemd_memory_exporter_samples_total")
+    time.sleep(1.2)
+    # Still sampling (and retrying D-Bus) on its interval.
+    assert Scrape.parse(get(server + "/metrics").read().decode()).value("systemd_memory_exporter_samples_total") > samples
+
+
+def test_gzip_scrape_decodes_to_the_same_families(server):
+    response = get(server + "/metrics", {"Accept-Encoding": "gzip"})
+    assert response.headers["Content-Encoding"] == "gzip"
+    text = gzip.decompress(response.read()).decode()
+    assert "systemd_memory_exporter_source_up" in text and "process_resident_memory_bytes" in text
+    Scrape.parse(text)
+
+
+def test_landing_page_links_the_metrics(server):
+    page = get(server + "/").read().decode()
+    assert 'href="/metrics"' in page and "dbus DOWN" in page
+
+
+def test_unknown_path_is_404(server):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        get(server + "/nope")
+    assert e.value.code == 404
+
+
+@pytest.mark.parametrize("server", [["--sample.interval=0"]], indirect=True)
+def test_interval_zero_samples_on_each_scrape(server):
+    counts = [Scrape.parse(get(server + "/metrics").read().decode()).value("systemd_memory_exporter_samples_total")
+              for _ in range(3)]
+    assert counts[1] == counts[0] + 1 and counts[2] == counts[1] + 1
+
+
+def test_unit_filter_is_anchored_and_typed():
+    f = UnitFilter.build(include=r"foo.*", exclude=r".*\.socket", types=["service", "socket", "slice"])
+    assert f.wants("foo.service")
+    assert not f.wants("xfoo.service")  # anchored: the whole name must match
+    assert not f.wants("foo.socket")  # excluded
+    assert not f.wants("foo.timer")  # type not wanted
+    assert UnitFilter.build().wants("foo\\x2dbar.service")
+    assert not UnitFilter.build().wants("multi-user.target")

@@ -1,0 +1,45 @@
+"""The README's metric table is the contract: it must name exactly what the exporter renders,
+with the labels it renders. Dashboards and rules are checked against the same table
+(tests/test_dashboards.py, tests/test_rules.py), so all three stay in step with the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.render import render
+from tests.test_sampler import FIXTURES, sample_tree
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Written by the web layer per scrape, not by the snapshot renderer.
+PER_SCRAPE = {"systemd_memory_exporter_render_duration_seconds": set()}
+
+
+def readme_contract() -> dict[str, set[str]]:
+    section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| ([a-z_*]+) \| \w+ \| ([^|]*) \|", section, re.M)
+    return {name: {label.strip() for label in labels.split(",") if label.strip()} for name, labels in rows}
+
+
+def rendered() -> dict[str, set[str]]:
+    families = {}
+    for tree in ("hybrid", "v2"):
+        for family in text_string_to_metric_families(render(sample_tree(FIXTURES / tree)).decode()):
+            name = family.name + ("_total" if family.type == "counter" else "")
+            labels = families.setdefault(name, set())
+            for sample in family.samples:
+                labels.update(sample.labels)
+    return families | PER_SCRAPE
+
+
+def test_readme_names_exactly_what_is_rendered():
+    contract = {name: labels for name, labels in readme_contract().items() if not name.endswith("*")}
+    assert set(contract) == set(rendered())
+
+
+def test_rendered_labels_are_documented():
+    contract = readme_contract()
+    for name, labels in rendered().items():
+        assert labels <= contract[name], f"{name}: {labels - contract[name]} not in the README"
