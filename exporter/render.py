@@ -97,8 +97,8 @@ def unit_families(snapshot: Snapshot) -> Iterator[Metric]:
     )
     info = GaugeMetricFamily(
         UNIT_INFO,
-        "1 for every unit reported, with its type, states and control group (systemd over D-Bus)." + sampled,
-        labels=["unit", "type", "active_state", "sub_state", "control_group"],
+        "1 for every unit reported, with its unit type, states and control group (systemd over D-Bus)." + sampled,
+        labels=["unit", "unit_type", "active_state", "sub_state", "control_group"],
     )
     for sample in snapshot.units:
         name = sample.unit.name

@@ -51,7 +51,7 @@ class ExporterServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
         if web_config is not None and web_config.tls is not None:
             # TLS handshakes happen in each connection's thread (process_request_thread), not in accept.
-            self.socket = web_config.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=True)
+            self.socket = web_config.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     def process_request(self, request, client_address):
         # More than max_connections at once wait in the listen backlog instead of each

@@ -30,6 +30,7 @@ import secrets
 import socket
 import ssl
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,8 @@ def _strict_loader(yaml):
             seen = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # PyYAML's own check reports it
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -249,7 +252,7 @@ def _tls_context(path: str, base: str, tls: dict) -> tuple[ssl.SSLContext, froze
     cert, key = one_of("cert", "cert_file", True), one_of("key", "key_file", True)
     client_ca = one_of("client_ca", "client_ca_file", False)
     auth_type = tls.get("client_auth_type", "NoClientCert")
-    if auth_type not in _CLIENT_AUTH:
+    if not isinstance(auth_type, str) or auth_type not in _CLIENT_AUTH:
         hint = " (not supported: Python's ssl always verifies a client certificate it asks for)" if auth_type == "RequireAnyClientCert" else ""
         raise WebConfigError(
             f"{path}: tls_server_config.client_auth_type: {auth_type!r}{hint}; choose from {', '.join(_CLIENT_AUTH)}"
@@ -265,7 +268,7 @@ def _tls_context(path: str, base: str, tls: dict) -> tuple[ssl.SSLContext, froze
     versions = []
     for name, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
         value = tls.get(name, default)
-        if value not in _TLS_VERSIONS:
+        if not isinstance(value, str) or value not in _TLS_VERSIONS:
             raise WebConfigError(f"{path}: tls_server_config.{name}: {value!r}; choose from {', '.join(_TLS_VERSIONS)}")
         versions.append(_TLS_VERSIONS[value])
     if versions[0] > versions[1]:
