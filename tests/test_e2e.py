@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.testhost import workloads
-from tests.truth import MiB, ExporterClient, free_port, proc_sums_script
+from tests.truth import MiB, exporter_in_host, proc_sums_script
 
 pytestmark = pytest.mark.e2e
 
@@ -22,27 +22,8 @@ INTERVAL = 1.0
 
 @pytest.fixture(scope="module")
 def exporter(testhost):
-    """The exporter as a real process inside the host, serving on the shared loopback."""
-    port = free_port()
-    started = time.monotonic()
-    proc = testhost.popen(
-        ["python3", "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}", f"--sample.interval={INTERVAL:g}",
-         "--log.level=debug"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    client = ExporterClient(f"http://127.0.0.1:{port}/metrics", INTERVAL)
-    try:
-        client.wait_ready(timeout=10)
-        client.ready_seconds = time.monotonic() - started
+    with exporter_in_host(testhost, INTERVAL, "--log.level=debug") as client:
         yield client
-    finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        assert "Traceback" not in out, out
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,12 @@ tests/vm on the cgroup v2 guest): scrape and query the exporter, sum /proc indep
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -113,3 +116,29 @@ for pid in pids:
             sums[name] += int(fields[key].split()[0]) * 1024
 print(" ".join(f"{{k}}={{v}}" for k, v in sums.items()))
 """
+
+
+@contextlib.contextmanager
+def exporter_in_host(host, interval: float, *flags: str) -> Iterator[ExporterClient]:
+    """The exporter as a real process inside a test host, serving on the loopback the host
+    shares with the machine; on exit it is stopped and its output checked for tracebacks."""
+    port = free_port()
+    started = time.monotonic()
+    proc = host.popen(
+        ["python3", "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}", f"--sample.interval={interval:g}", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    client = ExporterClient(f"http://127.0.0.1:{port}/metrics", interval)
+    client.port = port
+    try:
+        client.wait_ready(timeout=10)
+        client.ready_seconds = time.monotonic() - started
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        assert "Traceback" not in out, out
