@@ -71,21 +71,31 @@ def test_tmpfs_writer_shows_shmem_inside_page_cache(exporter, units):
 
 
 def test_every_unit_usage_equals_systemctl_memory_current(testhost, exporter, units):
-    m = exporter.scrape()
-    names = m.label_values("systemd_unit_info", "unit")
-    assert set(units.values()) <= names
-    shown = _show_all(testhost, names, "MemoryCurrent", "ControlGroup")
-    compared = 0
-    for name in names:
-        current = shown[name]["MemoryCurrent"]
-        usage = m.get("systemd_unit_memory_bytes", unit=name, type="cgroup_usage")
-        if current == "[not set]":
-            assert usage is None, f"{name}: systemd has no MemoryCurrent, the exporter must not invent one"
-            continue
-        assert usage == pytest.approx(int(current), rel=0.02), name
-        compared += 1
-        assert m.labels_of("systemd_unit_info", unit=name)["control_group"] == shown[name]["ControlGroup"]
-    assert compared >= len(units)
+    """Within 2 %, unit by unit. Both sides are instants of a moving figure (PID 1's own
+    init.scope grows while it answers systemctl), so a unit outside 2 % is measured again,
+    up to 5 times, from a fresh sample and a fresh `systemctl show`."""
+    pending = None
+    for _attempt in range(5):
+        exporter.next_sample()
+        m = exporter.scrape()
+        names = m.label_values("systemd_unit_info", "unit")
+        assert set(units.values()) <= names
+        shown = _show_all(testhost, names, "MemoryCurrent", "ControlGroup")
+        mismatched = {}
+        for name in names if pending is None else pending & names:
+            assert m.labels_of("systemd_unit_info", unit=name)["control_group"] == shown[name]["ControlGroup"]
+            current = shown[name]["MemoryCurrent"]
+            usage = m.get("systemd_unit_memory_bytes", unit=name, type="cgroup_usage")
+            if current == "[not set]":
+                assert usage is None, f"{name}: systemd has no MemoryCurrent, the exporter must not invent one"
+            elif usage != pytest.approx(int(current), rel=0.02):
+                mismatched[name] = (usage, int(current))
+        if pending is None:
+            assert len(names) >= len(units) + 3  # the workloads plus systemd's own units
+        pending = set(mismatched)
+        if not pending:
+            return
+    pytest.fail(f"cgroup_usage differs from MemoryCurrent by more than 2 % five times: {mismatched}")
 
 
 def test_rss_equals_proc_sums_for_the_same_pids(testhost, exporter, units):
