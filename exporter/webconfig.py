@@ -253,7 +253,9 @@ def _tls_context(path: str, base: str, tls: dict) -> tuple[ssl.SSLContext, froze
     client_ca = one_of("client_ca", "client_ca_file", False)
     auth_type = tls.get("client_auth_type", "NoClientCert")
     if not isinstance(auth_type, str) or auth_type not in _CLIENT_AUTH:
-        hint = " (not supported: Python's ssl always verifies a client certificate it asks for)" if auth_type == "RequireAnyClientCert" else ""
+        hint = ""
+        if auth_type == "RequireAnyClientCert":
+            hint = " (not supported: Python's ssl always verifies a client certificate it asks for)"
         raise WebConfigError(
             f"{path}: tls_server_config.client_auth_type: {auth_type!r}{hint}; choose from {', '.join(_CLIENT_AUTH)}"
         )
@@ -282,7 +284,9 @@ def _tls_context(path: str, base: str, tls: dict) -> tuple[ssl.SSLContext, froze
         if not isinstance(sans, list) or not all(isinstance(s, str) and s for s in sans):
             raise WebConfigError(f"{path}: tls_server_config.client_allowed_sans must be a list of strings")
         if verify_mode != ssl.CERT_REQUIRED:
-            raise WebConfigError(f"{path}: tls_server_config: client_allowed_sans needs client_auth_type RequireAndVerifyClientCert")
+            raise WebConfigError(
+                f"{path}: tls_server_config: client_allowed_sans needs client_auth_type RequireAndVerifyClientCert"
+            )
         allowed_sans = frozenset(_normalize_san(s) for s in sans)
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -330,7 +334,8 @@ class _as_file:
                 with open(self.value, "rb"):
                     pass
             except OSError as e:
-                raise WebConfigError(f"{self.path}: tls_server_config: cannot read {self.value}: {e.strerror or e}") from None
+                message = f"cannot read {self.value}: {e.strerror or e}"
+                raise WebConfigError(f"{self.path}: tls_server_config: {message}") from None
             return self.value
         self.fd = os.memfd_create("web-config-pem", os.MFD_CLOEXEC)
         os.write(self.fd, self.value.encode())
@@ -387,7 +392,9 @@ def _basic_auth(path: str, users) -> BasicAuth:
     for user, hashed in users.items():
         if not isinstance(user, str) or not user or ":" in user:
             # YAML reads unquoted yes/no/123 as booleans and numbers: quote such names.
-            raise WebConfigError(f"{path}: basic_auth_users: user name {user!r} must be a non-empty string without ':' (quote it)")
+            raise WebConfigError(
+                f"{path}: basic_auth_users: user name {user!r} must be a non-empty string without ':' (quote it)"
+            )
         raw = hashed.encode() if isinstance(hashed, str) else b""
         match = _BCRYPT_HASH.fullmatch(raw)
         if not match or not 4 <= int(match.group(1)) <= 31:

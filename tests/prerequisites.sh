@@ -3,6 +3,7 @@
 #   libsystemd-dev, pkg-config, gcc: pystemd builds from source against libsystemd
 #   prometheus: promtool and a real Prometheus for the end-to-end tests
 #   dbus, systemd: the real systemd test host (tests/testhost)
+#   openssl: certificates for the TLS tests
 #   qemu-system-x86, linux-image-amd64, debootstrap, e2fsprogs: the cgroup v2 guest (tests/vm)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -10,6 +11,6 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
   libsystemd-dev pkg-config gcc \
   prometheus \
-  dbus systemd util-linux procps curl \
+  dbus systemd util-linux procps curl openssl \
   qemu-system-x86 linux-image-amd64 debootstrap e2fsprogs
 python3 -m pip install -q -e "$(dirname "$0")/..[test]"
