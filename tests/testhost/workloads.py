@@ -1,0 +1,266 @@
+"""Workloads for the test host: units started inside it with systemd-run.
+
+Every function takes a started TestHost, returns the unit name(s) exactly as
+systemd spells them, and returns only once the workload has reached its steady
+state (the payload signals READY=1 with Type=notify, so systemd-run waits).
+Payloads use only python3 and coreutils.  Stop units with stop_units().
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .host import HostCommandError, HostError, TestHost
+
+MiB = 1 << 20
+_seq = itertools.count(1)
+
+# Run as `python3 -c PAYLOAD MODE ARGS...`.  Kept free of "$" and "%", which
+# systemd would expand in ExecStart=.
+PAYLOAD = r'''
+import mmap, os, signal, socket, sys
+
+MiB = 1 << 20
+
+def notify_ready():
+    addr = os.environ["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(b"READY=1")
+
+def hold_anon(mib):
+    buf = bytearray(mib * MiB)
+    for i in range(0, len(buf), 4096):  # touch every page so it is really allocated
+        buf[i] = 1
+    return buf
+
+def read_file(path):
+    # drop whatever is cached (and charged to other cgroups) so our reads charge us
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    while os.read(fd, MiB):
+        pass
+    os.close(fd)
+
+def write_shm(path, mib, mapped):
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(b"\xa5" * MiB)
+    if mapped:  # map and fault in every page: then it shows as RssShmem too
+        f = open(path, "r+b")
+        m = mmap.mmap(f.fileno(), 0)
+        sum(m[i] for i in range(0, len(m), 4096))
+        return f, m
+    return None
+
+def fork_holders(children, mib):
+    r, w = os.pipe()
+    for _ in range(children):
+        if os.fork() == 0:
+            keep = hold_anon(mib)
+            os.write(w, b"x")
+            while True:
+                signal.pause()
+    for _ in range(children):
+        os.read(r, 1)
+
+mode, args = sys.argv[1], sys.argv[2:]
+if mode == "anon":
+    keep = hold_anon(int(args[0]))
+elif mode == "read":
+    read_file(args[0])
+elif mode == "shm":
+    keep = write_shm(args[0], int(args[1]), args[2] == "mapped")
+elif mode == "multi":
+    fork_holders(int(args[0]), int(args[1]))
+notify_ready()
+while True:
+    signal.pause()
+'''
+
+
+# ------------------------------------------------------------------ basics
+def start_unit(host: TestHost, unit: str, cmd: Sequence[str], *, properties: Iterable[str] = (),
+               slice: str | None = None, notify: bool = False, description: str | None = None,
+               timeout: float = 60) -> str:
+    """systemd-run a transient service with MemoryAccounting=yes; waits for it to be started
+    (with notify, until the payload sent READY=1).  Returns the unit name."""
+    args = ["systemd-run", "--quiet", "--collect", f"--unit={unit}", "-p", "MemoryAccounting=yes",
+            f"--description={description or 'test host workload: ' + ' '.join(cmd)}",
+            "-p", f"TimeoutStartSec={int(timeout)}", "-p", f"Type={'notify' if notify else 'exec'}"]
+    if slice:
+        args.append(f"--slice={slice}")
+    for prop in properties:
+        args += ["-p", prop]
+    try:
+        host.run([*args, "--", *cmd], timeout=timeout + 10)
+    except HostCommandError as e:
+        journal = host.run(["journalctl", "--no-pager", "-b", "-n", "40", "-u", unit], check=False).stdout
+        raise HostError(f"starting {unit} failed: {e.stderr.strip()}\n{journal}") from None
+    return unit
+
+
+def payload(host: TestHost, unit: str, mode: str, *args: object, **kw) -> str:
+    """Start the PAYLOAD in the given mode as a Type=notify unit."""
+    args = [str(a) for a in args]
+    return start_unit(host, unit, [host.python, "-c", PAYLOAD, mode, *args], notify=True,
+                      description=f"test host workload: {mode} {' '.join(args)}", **kw)
+
+
+def stop_units(host: TestHost, units: Iterable[str], timeout: float = 300) -> None:
+    """Stop units and forget failed ones.  Units already gone are fine (systemctl
+    fails on those, so success is judged by is-active afterwards)."""
+    units = list(units)
+    for i in range(0, len(units), 500):
+        chunk = units[i:i + 500]
+        host.systemctl("stop", "--", *chunk, check=False, timeout=timeout)
+        host.systemctl("reset-failed", "--", *chunk, check=False, timeout=timeout)
+        states = host.systemctl("is-active", "--", *chunk, check=False, timeout=timeout).split()
+        still = [u for u, s in zip(chunk, states) if s not in ("inactive", "failed", "unknown")]
+        if still:
+            raise HostError(f"units still running after stop: {still[:10]}")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise HostError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _name(kind: str) -> str:
+    return f"th-{kind}-{next(_seq)}.service"
+
+
+# --------------------------------------------------------------- workloads
+def anon_hog(host: TestHost, mib: int = 150, unit: str | None = None) -> str:
+    """Holds `mib` MiB of touched anonymous memory (memory.stat rss), then sleeps."""
+    return payload(host, unit or _name("anon"), "anon", mib)
+
+
+def make_data_file(host: TestHost, name: str, mib: int) -> Path:
+    """A file of `mib` MiB in the host's data dir (real disk), written with O_DIRECT
+    so that none of it is cached or charged to the writer's cgroup."""
+    path = host.data_dir / name
+    buf = mmap.mmap(-1, MiB)  # page aligned, as O_DIRECT wants
+    buf.write(b"\xa5" * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        for _ in range(mib):
+            os.write(fd, buf)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return path
+
+
+def page_cache_reader(host: TestHost, mib: int = 200, unit: str | None = None) -> str:
+    """Reads a `mib` MiB file from the real disk once, so the unit's cgroup is
+    charged ~mib of clean page cache (memory.stat cache) while its RSS stays small."""
+    unit = unit or _name("cache")
+    path = make_data_file(host, unit.removesuffix(".service") + ".dat", mib)
+    return payload(host, unit, "read", path)
+
+
+def shm_writer(host: TestHost, mib: int = 100, unit: str | None = None, mapped: bool = False) -> str:
+    """Writes `mib` MiB into a /dev/shm file (shmem, counted as cache in v1) and sleeps.
+    With mapped, the file is also mapped and faulted in (RssShmem).  The file is
+    removed when the unit stops."""
+    unit = unit or _name("shm")
+    path = f"/dev/shm/{unit}"
+    return payload(host, unit, "shm", path, mib, "mapped" if mapped else "unmapped",
+                   properties=[f"ExecStopPost=/bin/rm -f {path}"])
+
+
+def multi_process(host: TestHost, children: int = 4, mib: int = 20, unit: str | None = None) -> str:
+    """A parent forking `children` processes that each hold `mib` MiB anonymous memory."""
+    return payload(host, unit or _name("multi"), "multi", children, mib)
+
+
+def nested_slice(host: TestHost, slice: str = "th-outer-inner.slice", mib: int = 10, unit: str | None = None) -> str:
+    """An anon hog in a nested slice: th-outer-inner.slice lives in th-outer.slice in
+    th.slice, i.e. cgroup /th.slice/th-outer.slice/th-outer-inner.slice/<unit>."""
+    return payload(host, unit or _name("nested"), "anon", mib, slice=slice)
+
+
+def escaped_name(host: TestHost, raw: str | None = None, mib: int = 10) -> str:
+    """An anon hog whose unit name needs escaping: systemd-escape turns "th-escaped-demo-N"
+    into "th\\x2descaped\\x2ddemo\\x2dN"; returns that name plus ".service"."""
+    raw = raw or f"th-escaped-demo-{next(_seq)}"
+    escaped = host.run(["systemd-escape", "--", raw]).stdout.strip()
+    return payload(host, f"{escaped}.service", "anon", mib)
+
+
+def short_lived(host: TestHost, count: int = 3, lifetime: float = 0.5, prefix: str = "th-short") -> list[str]:
+    """Starts `count` units, lets them live `lifetime` seconds, stops them; returns
+    their (now gone) names."""
+    units = [start_unit(host, f"{prefix}-{next(_seq)}.service", ["sleep", "infinity"]) for _ in range(count)]
+    time.sleep(lifetime)
+    stop_units(host, units)
+    return units
+
+
+def churn(host: TestHost, period: float = 0.2, lifetime: float = 1.0, unit: str | None = None) -> str:
+    """A unit that keeps starting short units (<unit stem>-N.service, each living
+    `lifetime` seconds) every `period` seconds until it is stopped: units come
+    and go while an exporter samples.  The children are PartOf= the churn unit, so
+    stopping it stops them too."""
+    unit = unit or _name("churn")
+    stem = unit.removesuffix(".service")
+    script = (f"i=0; while :; do i=$((i+1)); systemd-run --quiet --no-block --collect --unit={stem}-$i.service "
+              f"-p MemoryAccounting=yes -p PartOf={unit} sleep {lifetime}; sleep {period}; done")
+    return start_unit(host, unit, ["/bin/sh", "-c", script.replace("$", "$$")])
+
+
+def batch(host: TestHost, count: int, procs: int = 10, prefix: str = "th-bench", slice: str | None = None,
+          timeout: float = 600) -> list[str]:
+    """Starts `count` units with `procs` processes each, as fast as possible, for benchmarks.
+
+    They are instances of a runtime template (/run/systemd/system/<prefix>@.service)
+    started by one `systemctl start --no-block` per 500 units, which is much cheaper
+    than one systemd-run per unit.  Returns once every unit has all its processes.
+    Instances live in system-<prefix>.slice (escaped) unless `slice` is given.
+    """
+    template = f"{prefix}@.service"
+    loop = f"i=1; while [ $i -lt {procs} ]; do sleep infinity & i=$((i+1)); done; exec sleep infinity"
+    text = ("[Unit]\nDescription=benchmark unit\n\n[Service]\nMemoryAccounting=yes\n"
+            + (f"Slice={slice}\n" if slice else "")
+            + f"ExecStart=/bin/sh -c '{loop.replace('$', '$$')}'\n")
+    path = f"/run/systemd/system/{template}"
+    if not host.path(path).exists() or host.path(path).read_text() != text:
+        host.write_file(path, text)
+        host.systemctl("daemon-reload")
+    units = [f"{prefix}@{i}.service" for i in range(1, count + 1)]
+    for i in range(0, count, 500):
+        host.systemctl("start", "--no-block", "--", *units[i:i + 500], timeout=timeout)
+    wait_until(lambda: host.show(units[0], "ControlGroup").get("ControlGroup"), timeout, f"{units[0]} to start")
+    slice_dir = (host.path("/sys/fs/cgroup/systemd") / host.unit_cgroup(units[0]).lstrip("/")).parent
+    pending = set(units)
+
+    def all_running() -> bool:
+        for unit in list(pending):
+            try:
+                if len((slice_dir / unit / "cgroup.procs").read_text().split()) == procs:
+                    pending.discard(unit)
+            except FileNotFoundError:
+                pass
+        return not pending
+
+    wait_until(all_running, timeout, f"{len(pending)} of {count} {prefix} units to run {procs} processes",
+               interval=0.2)
+    return units
+
+
+def sample_workloads(host: TestHost) -> list[str]:
+    """One of each kind, for demos: anon, page cache, shm, multi-process, nested, escaped."""
+    return [anon_hog(host), page_cache_reader(host), shm_writer(host, mapped=True), multi_process(host),
+            nested_slice(host), escaped_name(host)]
