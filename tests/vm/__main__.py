@@ -1,0 +1,40 @@
+"""python3 -m tests.vm build | run SCRIPT  (from the checkout root; see NOTES.md)."""
+import argparse
+import sys
+import tempfile
+import time
+
+from . import image
+from .guest import Guest
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python3 -m tests.vm")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="build the guest image, or find it in the cache")
+    run = commands.add_parser("run", help="boot a guest, run a shell script in it, stop it")
+    run.add_argument("script", help="e.g. 'cd /project && python3 -m exporter --help'")
+    run.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+
+    missing = image.missing_prerequisites()
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)} "
+                 f"(apt-get install --no-install-recommends {image.APT_PACKAGES})")
+    started = time.monotonic()
+    path = image.build()
+    print(f"image {path} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    if args.command == "run":
+        # Kept after the run: its console.log is what to read when boot fails.
+        workdir = tempfile.mkdtemp(prefix="smx-vm-")
+        with Guest(path, image.find_kernel(), workdir) as vm:
+            print(f"booted in {vm.boot_seconds} s; console log {vm.console_log}",
+                  file=sys.stderr)
+            result = vm.run(["sh", "-c", args.script], timeout=args.timeout)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        sys.exit(result.returncode)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Build and cache the Debian bookworm guest image for the cgroup-v2 tests.
+
+The image is a raw ext4 file made from a debootstrap tree plus the host's
+Debian kernel modules, the guest agent and a few config files.  It is cached
+under CACHE_DIR/<key>/ where <key> hashes everything that goes into it, so a
+change to this file, the agent, the package list or the kernel rebuilds it.
+"""
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SUITE = "bookworm"
+PACKAGES = [
+    "systemd", "systemd-sysv", "udev", "dbus", "kmod", "procps", "python3",
+    "python3-psutil", "python3-prometheus-client", "python3-pystemd",
+]
+IMAGE_SIZE = "2G"
+CACHE_DIR = Path(os.environ.get("SMX_VM_CACHE", "/var/cache/systemd-memory-exporter-vm"))
+HERE = Path(__file__).resolve().parent
+AGENT = HERE / "agent.py"
+GUEST_PROJECT = "/project"  # where the checkout is mounted in the guest
+PROJECT_TAG = "project"     # 9p mount tag
+HOST_TOOLS = ["qemu-system-x86_64", "debootstrap", "mkfs.ext4", "mkswap", "unshare"]
+# Debian package names for the tools above and the kernel (see NOTES.md).
+APT_PACKAGES = "qemu-system-x86 linux-image-amd64 debootstrap"
+
+FSTAB = f"""\
+/dev/vda / ext4 rw,errors=remount-ro 0 1
+/dev/vdb none swap sw 0 0
+{PROJECT_TAG} {GUEST_PROJECT} 9p trans=virtio,version=9p2000.L,msize=262144,ro,nofail,x-systemd.requires=systemd-modules-load.service 0 0
+"""
+# Loaded early by systemd-modules-load so the 9p mount and agent port work.
+MODULES_LOAD = "virtio_console\n9pnet_virtio\n9p\n"
+AGENT_UNIT = """\
+[Unit]
+Description=systemd-memory-exporter test agent (virtio-serial)
+
+[Service]
+ExecStart=/usr/local/sbin/smx-agent
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+# Periodic maintenance only adds noise and CPU time under TCG.
+MASKED_UNITS = [
+    "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
+    "e2scrub_reap.service", "fstrim.timer", "getty@tty1.service",
+]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Kernel:
+    version: str
+    vmlinuz: Path
+    initrd: Path
+    modules: Path
+
+
+def find_kernel():
+    """Newest Debian 6.1 kernel installed on the host (linux-image-amd64)."""
+    found = []
+    for vmlinuz in glob.glob("/boot/vmlinuz-6.1.*"):
+        version = vmlinuz.removeprefix("/boot/vmlinuz-")
+        initrd = Path(f"/boot/initrd.img-{version}")
+        modules = Path(f"/lib/modules/{version}")
+        if initrd.exists() and (modules / "modules.dep").exists():
+            found.append(Kernel(version, Path(vmlinuz), initrd, modules))
+    key = lambda k: [int(n) for n in re.findall(r"\d+", k.version)]
+    return max(found, key=key, default=None)
+
+
+def missing_prerequisites():
+    """Human-readable list of what stops us from building and booting."""
+    missing = [f"command {tool}" for tool in HOST_TOOLS if not shutil.which(tool)]
+    if os.geteuid() != 0:
+        missing.append("root (debootstrap needs it)")
+    if find_kernel() is None:
+        missing.append("a Debian 6.1 kernel in /boot with its modules")
+    return missing
+
+
+def parse_apt_sources(texts):
+    """Archive URIs serving SUITE/main from one-line and deb822 source files."""
+    uris = []
+    for text in texts:
+        for line in text.splitlines():
+            fields = line.split("#", 1)[0].split()
+            if fields[:1] == ["deb"]:
+                fields = [f for f in fields[1:] if not f.startswith("[")]
+                if len(fields) >= 3 and fields[1] == SUITE and "main" in fields[2:]:
+                    uris.append(fields[0])
+        for stanza in re.split(r"\n\s*\n", text):
+            entry = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.startswith(("#", " ")):
+                    name, value = line.split(":", 1)
+                    entry[name.strip().lower()] = value.split()
+            if ("deb" in entry.get("types", []) and SUITE in entry.get("suites", [])
+                    and "main" in entry.get("components", [])):
+                uris.extend(entry.get("uris", []))
+    return [u for u in uris if u.startswith(("http://", "https://"))]
+
+
+def apt_mirror():
+    files = ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*"))]
+    texts = [Path(f).read_text() for f in files if f.endswith((".list", ".sources"))
+             and os.path.isfile(f)]
+    uris = parse_apt_sources(texts)
+    if not uris:
+        raise BuildError(f"no apt source for {SUITE} main in {files}")
+    return uris[0]
+
+
+def cache_key(kernel):
+    h = hashlib.sha256()
+    for part in (SUITE, " ".join(PACKAGES), kernel.version,
+                 Path(__file__).read_bytes(), AGENT.read_bytes(),
+                 kernel.vmlinuz.read_bytes()):
+        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def mounts_below(path):
+    """Mount points at or under path, from this process's mount table."""
+    prefix = str(Path(path).resolve())
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point == prefix or point.startswith(prefix + "/"):
+            points.append(point)
+    return points
+
+
+def _run(argv, log):
+    with open(log, "ab") as out:
+        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = Path(log).read_text(errors="replace")[-3000:]
+        raise BuildError(f"{argv[0]} exited {proc.returncode}; log {log}:\n{tail}")
+
+
+def _write(root, relpath, text, mode=0o644):
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def _customize(root, kernel):
+    _write(root, "etc/fstab", FSTAB)
+    _write(root, "etc/hostname", "smx-guest\n")
+    _write(root, "etc/modules-load.d/smx.conf", MODULES_LOAD)
+    _write(root, "etc/systemd/system/smx-agent.service", AGENT_UNIT)
+    _write(root, "usr/local/sbin/smx-agent", AGENT.read_text(), 0o755)
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "smx-agent.service").symlink_to("/etc/systemd/system/smx-agent.service")
+    for unit in MASKED_UNITS:
+        (root / "etc/systemd/system" / unit).symlink_to("/dev/null")
+    (root / GUEST_PROJECT.lstrip("/")).mkdir()
+    # bookworm is merged-/usr: write below usr/ rather than through root/lib.
+    shutil.copytree(kernel.modules, root / "usr/lib/modules" / kernel.version, symlinks=True)
+
+
+def build(cache_dir=CACHE_DIR, log=print):
+    """Return the path of a cached image for the current inputs, building it if needed."""
+    kernel = find_kernel()
+    if kernel is None:
+        raise BuildError("no Debian 6.1 kernel in /boot (apt-get install linux-image-amd64)")
+    key = cache_key(kernel)
+    entry = cache_dir / key
+    image = entry / "rootfs.img"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time per machine
+        if image.exists():
+            return image
+        work = cache_dir / f"{key}.building"
+        if mounts_below(work):
+            raise BuildError(f"mounts left below {work}: {mounts_below(work)}")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        root = work / "root"
+        timings = {}
+        mirror = apt_mirror()
+        log(f"vm image: debootstrap {SUITE} from {mirror} into {root}")
+        start = time.monotonic()
+        try:
+            # A private mount namespace drops debootstrap's proc/sys mounts
+            # even if it dies half way.
+            _run(["unshare", "--mount", "--propagation", "private",
+                  "debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
+                  SUITE, str(root), mirror], work / "build.log")
+        finally:
+            if mounts_below(root):
+                raise BuildError(f"mounts left below {root}: {mounts_below(root)}")
+        timings["debootstrap_s"] = round(time.monotonic() - start, 1)
+        start = time.monotonic()
+        _customize(root, kernel)
+        _run(["mkfs.ext4", "-q", "-F", "-L", "smx-root", "-d", str(root),
+              str(work / "rootfs.img"), IMAGE_SIZE], work / "build.log")
+        shutil.rmtree(root)
+        timings["customize_mkfs_s"] = round(time.monotonic() - start, 1)
+        meta = {"key": key, "suite": SUITE, "packages": PACKAGES, "mirror": mirror,
+                "kernel": kernel.version, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **timings}
+        (work / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        work.rename(entry)
+        for stale in cache_dir.iterdir():  # keep one image: each is ~1 GiB
+            if stale.is_dir() and stale != entry and not mounts_below(stale):
+                shutil.rmtree(stale)
+        log(f"vm image: built {image} {timings}")
+        return image

@@ -1,0 +1,93 @@
+"""The harness itself: source parsing, cache keys, and that QEMU never outlives us."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from . import image
+from .guest import REPO, Guest, wait_until
+
+pytestmark = pytest.mark.vm
+
+# Launches a guest that can't boot (blank disk), prints QEMU's pid, then waits.
+LAUNCHER = """\
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from tests.vm.guest import Guest
+from tests.vm.image import find_kernel
+guest = Guest(sys.argv[2], find_kernel(), sys.argv[3])
+guest.launch()
+print(guest.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid):
+    """True while pid exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def blank_disk(tmp_path):
+    path = tmp_path / "blank.img"
+    path.write_bytes(bytes(1 << 20))
+    return path
+
+
+def test_parse_apt_sources():
+    one_line = ("deb [arch=amd64] http://mirror.example/debian bookworm main contrib\n"
+                "deb http://mirror.example/debian-security bookworm-security main\n"
+                "# deb http://old.example/debian bookworm main\n")
+    deb822 = ("Types: deb\nURIs: http://a.example/debian\nSuites: bookworm bookworm-updates\n"
+              "Components: main\n\n"
+              "Types: deb\nURIs: https://b.example/node\nSuites: nodistro\nComponents: main\n")
+    assert image.parse_apt_sources([one_line, deb822]) == [
+        "http://mirror.example/debian", "http://a.example/debian"]
+
+
+@pytest.mark.e2e
+def test_cache_key_follows_inputs(kernel, monkeypatch):
+    key = image.cache_key(kernel)
+    assert image.cache_key(kernel) == key
+    monkeypatch.setattr(image, "PACKAGES", image.PACKAGES + ["curl"])
+    assert image.cache_key(kernel) != key
+
+
+@pytest.mark.e2e
+def test_image_build_leaves_no_mounts(vm_image):
+    assert vm_image.exists()
+    assert image.mounts_below(image.CACHE_DIR) == []
+
+
+@pytest.mark.e2e
+def test_close_stops_qemu(kernel, blank_disk, tmp_path):
+    guest = Guest(blank_disk, kernel, tmp_path)
+    try:
+        guest.launch()
+        assert running(guest.proc.pid)
+    finally:
+        guest.close()
+    assert guest.proc.returncode is not None
+    assert not running(guest.proc.pid)
+    assert not guest.socket_path.exists() and not guest.swap_path.exists()
+
+
+@pytest.mark.e2e
+def test_qemu_dies_with_the_test_process(kernel, blank_disk, tmp_path):
+    parent = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(REPO), str(blank_disk), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        qemu = int(parent.stdout.readline())
+        assert running(qemu)
+        parent.kill()  # no chance to clean up: only PR_SET_PDEATHSIG saves us
+        parent.wait()
+        wait_until(lambda: not running(qemu), 10, 0.1, "QEMU exiting")
+    finally:
+        parent.kill()
+        parent.wait()
