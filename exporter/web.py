@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import logging
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +38,10 @@ class ExporterServer(ThreadingHTTPServer):
     daemon_threads = True
     # Bounded work per connection: a slow or idle client is dropped after this many seconds.
     request_timeout = 10.0
-    max_connections = 64
+    # At most this many connections get a thread; more wait in the listen backlog, which is
+    # sized so a burst of scrapers is queued by the kernel instead of having SYNs dropped.
+    max_connections = 128
+    request_queue_size = 512
 
     def __init__(
         self, address: tuple[str, int], loop: SampleLoop, telemetry_path: str, family: int, web_config: WebConfig | None = None
@@ -63,6 +67,14 @@ class ExporterServer(ThreadingHTTPServer):
             self.slots.release()
             raise
 
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up mid-response is its own problem, not a traceback on stderr.
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("connection from %s ended: %s", client_address[0], error)
+        else:
+            log.exception("error serving %s", client_address[0])
+
     def process_request_thread(self, request, client_address):
         try:
             if self.web_config is None or self.web_config.handshake(request, self.request_timeout):
@@ -76,6 +88,8 @@ class ExporterServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: ExporterServer
     protocol_version = "HTTP/1.1"
+    # Errors found before the version is parsed (garbage, HTTP/9.9) still get a status line.
+    default_request_version = "HTTP/1.0"
     server_version = f"systemd-memory-exporter/{__version__}"
 
     def setup(self) -> None:

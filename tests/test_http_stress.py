@@ -1,0 +1,123 @@
+"""HTTP under stress, bounded and on loopback only: many concurrent scrapes while slow and idle
+connections hold sockets open (slowloris-style), and malformed or oversized requests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from tests.truth import free_port
+
+SCRAPERS = 100
+SLOW_CONNECTIONS = 50
+
+
+@pytest.fixture
+def exporter():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}", "--sample.interval=1",
+         "--systemd.private-socket=/nonexistent/private"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent/bus"},
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, "exporter did not start"
+            time.sleep(0.1)
+    yield port, psutil.Process(proc.pid)
+    proc.terminate()
+    err = proc.communicate(timeout=10)[1]
+    assert "Traceback" not in err, err
+
+
+def scrape_seconds(port: int) -> float:
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        response.read()
+    return time.perf_counter() - started
+
+
+def open_slow_connections(port: int, count: int) -> list[socket.socket]:
+    """Half send a partial request line and stop; half connect and send nothing."""
+    held = []
+    for i in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if i % 2:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        held.append(s)
+    return held
+
+
+def test_scrapes_stay_fast_with_slow_clients_and_a_burst(exporter):
+    port, process = exporter
+    baseline_threads = process.num_threads()
+    held = open_slow_connections(port, SLOW_CONNECTIONS)
+    try:
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def scraper():
+            seconds = scrape_seconds(port)
+            with lock:
+                latencies.append(seconds)
+
+        threads = [threading.Thread(target=scraper) for _ in range(SCRAPERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(latencies) == SCRAPERS
+        # The burst queues behind itself; a single scrape next to the slow clients must be quick.
+        single = sorted(scrape_seconds(port) for _ in range(20))
+        peak_threads = process.num_threads()
+    finally:
+        for s in held:
+            s.close()
+    assert statistics.median(single) < 0.1, single
+    assert max(latencies) < 5, sorted(latencies)[-5:]
+    # Threads are bounded by max_connections (128) plus the exporter's own few.
+    assert peak_threads <= baseline_threads + 128 + 2
+    time.sleep(0.5)
+    assert process.num_threads() <= baseline_threads + SLOW_CONNECTIONS + 2
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status",
+    [
+        (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"400"),
+        (b"GET /metrics HTTP/9.9\r\n\r\n", b"505"),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
+        (b"GET /metrics HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n", b"431"),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", b"501"),
+    ],
+)
+def test_malformed_and_oversized_requests_are_refused(exporter, request_bytes, status):
+    port, _ = exporter
+    answer = raw_request(port, request_bytes)
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == status, answer[:200]
+    assert scrape_seconds(port) < 1  # and the exporter still serves
