@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .explain import explain
-    from .sampler import DiscoveryResult, Sampler, SamplerConfig
-    from .systemd import Discovery, DiscoveryError
+    from .sampler import Sampler, SamplerConfig
+    from .systemd import Discovery, DiscoveryError, DiscoveryResult
 
     _setup_logging(args.log_level if args.log_level != "info" else "warn")
     if args.top < 1:
@@ -175,6 +175,7 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .discovery_process import DiscoveryProcess
     from .sampler import SamplerConfig
     from .service import SampleLoop
     from .web import parse_listen_address, serve
@@ -195,9 +196,8 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         except WebConfigError as e:
             print(f"systemd-memory-exporter: --web.config.file: {e}", file=sys.stderr)
             return 1
-    loop = SampleLoop(
-        SamplerConfig(args.procfs, args.cgroupfs, args.interval), _unit_filter(args), args.dbus_timeout, args.private_socket
-    )
+    discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout)
+    loop = SampleLoop(SamplerConfig(args.procfs, args.cgroupfs, args.interval), discovery, args.dbus_timeout)
     try:
         server = serve(loop, args.listen, args.telemetry_path, web_config)
     except OSError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -18,10 +17,19 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from . import memory as memfiles
-from .cgroupfs import VANISHED_ERRNOS, Layout, MemoryVersion, ParseError, detect_layout, parse_procs, read_text
-from .procfs import read_status
+from .cgroupfs import (
+    VANISHED_ERRNOS,
+    Layout,
+    MemoryVersion,
+    ParseError,
+    detect_layout,
+    parse_procs_bytes,
+    read_bytes,
+    read_text,
+)
+from .procfs import parse_status_bytes
 from .snapshot import ProcessTotals, Snapshot, SourceHealth, UnitSample
-from .systemd import Discovery, DiscoveryError, Unit
+from .systemd import DiscoveryResult
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +82,17 @@ def _join(root: str, cgroup: str) -> str:
 
 
 class ProcessWalker:
-    """Sums /proc/PID/status over cgroup subtrees: every cgroup.procs and status read once."""
+    """Sums /proc/PID/status over cgroup subtrees: every cgroup.procs and status read once.
+
+    The hot loop of a cycle: one status file per process. It reads bytes through raw fds and
+    parses them without decoding (procfs.parse_status_bytes), and sums plain ints.
+    """
 
     def __init__(self, procs_root: str, procfs: str, errors: ErrorLog):
         self.procs_root = procs_root
         self.procfs = procfs
         self.errors = errors
+        self._status = os.fsencode(procfs) + b"/%d/status"
 
     def totals(self, cgroups: Iterable[str]) -> dict[str, ProcessTotals]:
         """cgroup path -> totals of its subtree, for every cgroup at or below ``cgroups``."""
@@ -91,8 +104,8 @@ class ProcessWalker:
     def _walk(self, cgroup: str, result: dict[str, ProcessTotals]) -> ProcessTotals | None:
         directory = _join(self.procs_root, cgroup)
         try:
-            pids = parse_procs(read_text(directory + "/cgroup.procs"))
-            children = [entry.name for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
+            pids = parse_procs_bytes(read_bytes(directory + "/cgroup.procs"))
+            children = _subdirectories(directory)
         except OSError as e:
             if e.errno in VANISHED_ERRNOS:
                 self.errors.vanished["cgroup"] += 1
@@ -102,13 +115,16 @@ class ProcessWalker:
         except ParseError as e:
             self.errors.error("cgroup", "parse", directory + "/cgroup.procs", str(e))
             return None
-        # PID 0: a process outside our PID namespace (a container's launcher); it has no
-        # /proc entry here, so it is not one of the processes we can see.
-        pids = [pid for pid in pids if pid]
-        count, anon, file, shmem, swap = len(pids), 0, 0, 0, 0
+        count, anon, file, shmem, swap = 0, 0, 0, 0, 0
+        status = self._status
         for pid in pids:
+            # PID 0: a process outside our PID namespace (a container's launcher); it has no
+            # /proc entry here, so it is not one of the processes we can see.
+            if not pid:
+                continue
+            count += 1
             try:
-                status = read_status(self.procfs, pid)
+                pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(read_bytes(status % pid))
             except OSError as e:
                 if e.errno in VANISHED_ERRNOS:
                     self.errors.vanished["process"] += 1
@@ -119,10 +135,10 @@ class ProcessWalker:
             except ParseError as e:
                 self.errors.error("procfs", "parse", f"{self.procfs}/PID/status", str(e))
                 continue
-            anon += status.rss_anon
-            file += status.rss_file
-            shmem += status.rss_shmem
-            swap += status.swap
+            anon += pid_anon
+            file += pid_file
+            shmem += pid_shmem
+            swap += pid_swap
         prefix = "" if cgroup == "/" else cgroup
         for child in children:
             sub = self._walk(f"{prefix}/{child}", result)
@@ -135,6 +151,20 @@ class ProcessWalker:
         totals = ProcessTotals(count, anon, file, shmem, swap)
         result[cgroup] = totals
         return totals
+
+
+def _subdirectories(directory: str) -> list[str]:
+    """Names of the child cgroups of a cgroup directory.
+
+    Most unit cgroups have no children. cgroupfs (kernfs) keeps a directory's link count at
+    2 + its number of subdirectories (kernfs_refresh_inode), as ext4 and tmpfs do for the
+    fixture trees, so one stat() answers "none" where a listing costs an open, two
+    getdents64 over a dozen control files, and a close: 2 us instead of 13 us per cgroup.
+    A file system that does not count links (btrfs reports 1) is simply listed.
+    """
+    if os.stat(directory).st_nlink == 2:
+        return []
+    return [entry.name for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
 
 
 def read_files(directory: str, names: Iterable[str], source: str, errors: ErrorLog) -> dict[str, str] | None:
@@ -186,7 +216,7 @@ class CgroupReader:
 class Sampler:
     """Builds snapshots. ``sample()`` must always be called from the same thread."""
 
-    def __init__(self, config: SamplerConfig, discover: Callable[[], "DiscoveryResult"]):
+    def __init__(self, config: SamplerConfig, discover: Callable[[], DiscoveryResult]):
         self.config = config
         self.discover = discover
         self.errors = ErrorLog()
@@ -264,71 +294,3 @@ def _layout_message(layout: Layout) -> str:
     if layout.memory_root is None:
         return "no cgroup memory controller found"
     return f"{layout.name} layout, memory controller on cgroup {layout.memory_version.value}"
-
-
-@dataclass(frozen=True)
-class DiscoveryResult:
-    units: tuple[Unit, ...]
-    ok: bool  # False: these are the last good units (or none), D-Bus failed this time
-    message: str
-    refreshed_at: float | None  # unix time of the last successful refresh
-    transport: str
-
-
-class DiscoveryThread:
-    """Runs Discovery on its own thread, the only one that touches the bus.
-
-    ``request(wait)`` asks for a fresh list and waits at most ``wait`` seconds; past that the
-    sampler goes on with the last good list, so a frozen dbus-daemon cannot stall sampling.
-    """
-
-    def __init__(self, discovery: Discovery):
-        self._discovery = discovery
-        self._wanted = threading.Event()
-        self._done = threading.Condition()
-        self._generation = 0
-        self._result = DiscoveryResult((), False, "not yet discovered", None, "none")
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="discovery", daemon=True)
-        self._thread.start()
-
-    def request(self, wait: float) -> DiscoveryResult:
-        with self._done:
-            target = self._generation + 1
-            self._wanted.set()
-            self._done.wait_for(lambda: self._generation >= target, timeout=wait)
-            result = self._result
-            if self._generation < target:
-                return DiscoveryResult(
-                    result.units, False, f"D-Bus did not answer within {wait:g}s", result.refreshed_at, result.transport
-                )
-            return result
-
-    def _run(self) -> None:
-        logged_down = False
-        while True:
-            self._wanted.wait()
-            self._wanted.clear()
-            if self._stopping:
-                self._discovery.close()
-                return
-            previous = self._result
-            try:
-                units = self._discovery.refresh()
-                result = DiscoveryResult(units, True, "", time.time(), self._discovery.transport)
-                if logged_down:
-                    log.info("systemd is reachable again over the %s", self._discovery.transport.replace("_", " "))
-                logged_down = False
-            except DiscoveryError as e:
-                result = DiscoveryResult(previous.units, False, str(e), previous.refreshed_at, self._discovery.transport)
-                if not logged_down:
-                    log.error("unit discovery failed, serving the last known units and retrying: %s", e)
-                logged_down = True
-            with self._done:
-                self._result = result
-                self._generation += 1
-                self._done.notify_all()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wanted.set()

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 
 from .render import render
-from .sampler import DiscoveryThread, Sampler, SamplerConfig
+from .discovery_process import DiscoveryProcess
+from .sampler import Sampler, SamplerConfig
 from .snapshot import Snapshot
-from .systemd import Discovery, UnitFilter
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ def publish(snapshot: Snapshot) -> Published:
 class SampleLoop:
     """Owns the discovery and sampler threads; hands out the latest Published."""
 
-    def __init__(self, config: SamplerConfig, unit_filter: UnitFilter, dbus_timeout: float, private_socket: str):
+    def __init__(self, config: SamplerConfig, discovery: DiscoveryProcess, dbus_timeout: float):
         self.config = config
         self.dbus_timeout = dbus_timeout
-        self._discovery = DiscoveryThread(Discovery(unit_filter, private_socket, dbus_timeout))
-        self._sampler = Sampler(config, lambda: self._discovery.request(wait=dbus_timeout + 1))
+        self._discovery = discovery
+        self._sampler = Sampler(config, lambda: discovery.request(wait=dbus_timeout + 1))
         self._latest: Published | None = None
         self._generation = 0
         self._changed = threading.Condition()

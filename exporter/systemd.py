@@ -90,6 +90,15 @@ def _text(value) -> str:
     return value.decode("utf-8", errors="surrogateescape") if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class DiscoveryResult:
+    units: tuple[Unit, ...]
+    ok: bool  # False: these are the last good units (or none), D-Bus failed this time
+    message: str
+    refreshed_at: float | None  # unix time of the last successful refresh
+    transport: str
+
+
 class DiscoveryError(Exception):
     """D-Bus or systemd could not be reached or answered with an error."""
 

@@ -1,0 +1,112 @@
+"""Reliability on the real test host: D-Bus restarted, systemd re-executed, dbus-daemon frozen.
+The exporter must keep serving, say what is wrong in its self-metrics, and recover.
+
+Short versions run in CI; RELIABILITY_LONG=1 runs them at the issue's full length (a 30 s
+freeze) — see the README's Reliability section for the figures."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from tests.testhost import workloads
+from tests.truth import exporter_in_host
+
+pytestmark = pytest.mark.e2e
+
+INTERVAL = 1.0
+LONG = bool(os.environ.get("RELIABILITY_LONG"))
+FREEZE_SECONDS = 30 if LONG else 8
+
+
+@pytest.fixture
+def exporter(testhost):
+    with exporter_in_host(testhost, INTERVAL, "--dbus.timeout=1") as client:
+        yield client
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    pytest.fail(f"not within {timeout}s: {what}")
+
+
+def recovered_with(exporter, unit: str):
+    m = exporter.scrape()
+    return (
+        m.get("systemd_memory_exporter_source_up", source="dbus") == 1
+        and m.get("systemd_unit_memory_bytes", unit=unit, type="rss_anon")
+    )
+
+
+def test_dbus_restart(testhost, exporter):
+    testhost.systemctl("restart", "dbus.service")
+    unit = workloads.anon_hog(testhost, 5)
+    try:
+        wait_for(lambda: recovered_with(exporter, unit), 2 * INTERVAL + 2, "recovery after a dbus restart")
+    finally:
+        workloads.stop_units(testhost, [unit])
+
+
+def test_daemon_reexec(testhost, exporter):
+    testhost.systemctl("daemon-reexec")
+    unit = workloads.anon_hog(testhost, 5)
+    try:
+        wait_for(lambda: recovered_with(exporter, unit), 2 * INTERVAL + 2, "recovery after daemon-reexec")
+    finally:
+        workloads.stop_units(testhost, [unit])
+
+
+def test_frozen_dbus_daemon(testhost, exporter):
+    """SIGSTOP dbus-daemon: scrapes stay fast, samples keep coming with the last known units,
+    the dbus source is marked down (or systemd is reached over its private socket), and after
+    SIGCONT a unit started meanwhile appears within two intervals."""
+    hog = workloads.anon_hog(testhost, 20)
+    exporter.next_sample()
+    pid = testhost.show("dbus.service", "MainPID")["MainPID"]
+    slowest = 0.0
+    stop = threading.Event()
+    marked = {"down": False, "private": False}
+
+    def watch():
+        nonlocal slowest
+        while not stop.is_set():
+            started = time.monotonic()
+            m = exporter.scrape()
+            slowest = max(slowest, time.monotonic() - started)
+            marked["down"] |= m.get("systemd_memory_exporter_source_up", source="dbus") == 0
+            marked["private"] |= m.get("systemd_memory_exporter_dbus_transport_info", transport="private_socket") == 1
+            assert m.value("systemd_unit_memory_bytes", unit=hog, type="rss_anon") > 0  # still reported
+            time.sleep(0.2)
+
+    testhost.run(["kill", "-STOP", pid])
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        time.sleep(FREEZE_SECONDS / 2)
+        frozen_sample = exporter.scrape().value("systemd_memory_exporter_last_sample_timestamp_seconds")
+        time.sleep(FREEZE_SECONDS / 2)
+        later_sample = exporter.scrape().value("systemd_memory_exporter_last_sample_timestamp_seconds")
+    finally:
+        testhost.run(["kill", "-CONT", pid])
+        stop.set()
+        watcher.join()
+    resumed = time.monotonic()
+    unit = workloads.anon_hog(testhost, 5)
+    try:
+        wait_for(lambda: recovered_with(exporter, unit), 2 * INTERVAL + 5, "recovery after SIGCONT")
+        recovery = time.monotonic() - resumed
+    finally:
+        workloads.stop_units(testhost, [unit, hog])
+    assert later_sample > frozen_sample, "sampling must go on while D-Bus is frozen"
+    assert slowest < 1.0, f"a scrape took {slowest:.2f}s during the freeze"
+    assert marked["down"] or marked["private"], "the freeze must show in the self-metrics"
+    print(f"freeze {FREEZE_SECONDS}s: slowest scrape {slowest * 1000:.0f} ms, recovered {recovery:.1f}s after SIGCONT, "
+          f"dbus marked down: {marked['down']}, fell back to the private socket: {marked['private']}")
