@@ -20,7 +20,7 @@ from rules import metric_contract, promql_names, promtool, queries  # noqa: E402
 
 REPO = queries.REPO_ROOT
 RULE_TESTS = sorted((REPO / "tests" / "rules").glob("*.test.yml"))
-NOTES = REPO / "grafana" / "NOTES.md"
+README = REPO / "README.md"
 EXAMPLE_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.example.yml"
 SEVERITIES = {"info", "warning", "critical"}
 # Alerts on a state whose value says nothing (up == 0 is always 0).
@@ -242,7 +242,7 @@ def test_names_inside_strings_are_not_metrics():
 
 # --- documentation -----------------------------------------------------------------------------------
 def test_notes_table_lists_every_alert_with_its_severity():
-    text = NOTES.read_text(encoding="utf-8")
+    text = README.read_text(encoding="utf-8").split("\n### Alerts\n", 1)[1].split("\n## ", 1)[0]
     rows = {
         cells[0].strip("` "): cells[1].strip("` ")
         for cells in (line.strip("|").split("|") for line in text.splitlines() if line.startswith("| `"))
