@@ -130,6 +130,7 @@ def exporter_in_host(host, interval: float, *flags: str) -> Iterator[ExporterCli
     )
     client = ExporterClient(f"http://127.0.0.1:{port}/metrics", interval)
     client.port = port
+    client.process = proc  # a tests.testhost HostProcess: .inner_child() is its PID outside
     try:
         client.wait_ready(timeout=10)
         client.ready_seconds = time.monotonic() - started
