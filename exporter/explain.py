@@ -91,7 +91,7 @@ def verdict(b: Breakdown) -> str:
             "it is real memory use that page-cache reclaim cannot free. Check files in /dev/shm or tmpfs."
         )
     if abs(b.gap) <= max(b.systemctl // 10, 16 << 20):
-        return "Verdict: systemctl and top agree to within 10 %: the processes' memory is the unit's memory."
+        return "Verdict: systemctl and top are close (within 10 % or 16 MiB): the processes' memory is the unit's."
     if b.gap < 0:
         return (
             f"Verdict: top counts {human_bytes(-b.gap)} more than the cgroup holds: summed RSS counts pages shared "
