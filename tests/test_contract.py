@@ -19,7 +19,8 @@ PER_SCRAPE = {"systemd_memory_exporter_render_duration_seconds": set()}
 
 def readme_contract() -> dict[str, set[str]]:
     section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| ([a-z_*]+) \| \w+ \| ([^|]*) \|", section, re.M)
+    # Rows whose type column is a metric type: not the header row ("| metric | type | labels |").
+    rows = re.findall(r"^\| ([a-z_*]+) \| (?:gauge|counter|histogram|summary|info) \| ([^|]*) \|", section, re.M)
     return {name: {label.strip() for label in labels.split(",") if label.strip()} for name, labels in rows}
 
 

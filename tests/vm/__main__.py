@@ -1,4 +1,4 @@
-"""python3 -m tests.vm build | run SCRIPT  (from the checkout root; see NOTES.md)."""
+"""python3 -m tests.vm build | run SCRIPT | capture OUT_DIR  (from the checkout root; see NOTES.md)."""
 import argparse
 import sys
 import tempfile
@@ -15,6 +15,9 @@ def main():
     run = commands.add_parser("run", help="boot a guest, run a shell script in it, stop it")
     run.add_argument("script", help="e.g. 'cd /project && python3 -m exporter --help'")
     run.add_argument("--timeout", type=float, default=600)
+    capture = commands.add_parser(
+        "capture", help="boot a guest, start the sample workloads, capture a v2 fixture tree")
+    capture.add_argument("out", help="e.g. tests/fixtures/v2 (its metrics.golden is kept)")
     args = parser.parse_args()
 
     missing = image.missing_prerequisites()
@@ -24,6 +27,12 @@ def main():
     started = time.monotonic()
     path = image.build()
     print(f"image {path} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    if args.command == "capture":
+        from .capture_fixture import capture as capture_tree
+        with Guest(path, image.find_kernel(), tempfile.mkdtemp(prefix="smx-vm-")) as vm:
+            captured = capture_tree(vm, args.out)
+        print(f"captured {args.out} with {', '.join(captured.values())}; now run "
+              "UPDATE_GOLDEN=1 python3 -m pytest tests/test_sampler.py -k v2", file=sys.stderr)
     if args.command == "run":
         # Kept after the run: its console.log is what to read when boot fails.
         workdir = tempfile.mkdtemp(prefix="smx-vm-")
