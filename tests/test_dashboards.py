@@ -36,25 +36,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rules import metric_contract, promql_names, promtool, queries  # noqa: E402
+from rules.fixtures import contract, need_promtool  # noqa: E402,F401 - pytest fixtures
 
 REPO = queries.REPO_ROOT
 GRAFANA = REPO / "grafana"
 DASHBOARDS = queries.load_dashboards()
 DS_REF = {"type": "prometheus", "uid": "${datasource}"}
 PANELS_WITHOUT_QUERIES = {"row", "text"}
-
-
-@pytest.fixture(scope="session")
-def need_promtool():
-    if promtool.find() is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool not found (apt-get install prometheus)")
-        pytest.skip("promtool not found (apt-get install prometheus)")
-
-
-@pytest.fixture(scope="session")
-def contract():
-    return metric_contract.load_contract()
 
 
 def params():

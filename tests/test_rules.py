@@ -6,7 +6,6 @@ Needs promtool (Debian package `prometheus`). Without it these tests are skipped
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rules import metric_contract, promql_names, promtool, queries  # noqa: E402
+from rules.fixtures import contract, need_promtool  # noqa: E402,F401 - pytest fixtures
 
 REPO = queries.REPO_ROOT
 RULE_TESTS = sorted((REPO / "tests" / "rules").glob("*.test.yml"))
@@ -25,19 +25,6 @@ EXAMPLE_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.example.yml"
 SEVERITIES = {"info", "warning", "critical"}
 # Alerts on a state whose value says nothing (up == 0 is always 0).
 NO_NUMBER = {"SystemdMemoryExporterDown"}
-
-
-@pytest.fixture(scope="session")
-def need_promtool():
-    if promtool.find() is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool not found (apt-get install prometheus)")
-        pytest.skip("promtool not found (apt-get install prometheus)")
-
-
-@pytest.fixture(scope="session")
-def contract():
-    return metric_contract.load_contract()
 
 
 def alerts() -> list[dict]:

@@ -118,6 +118,37 @@ print(" ".join(f"{{k}}={{v}}" for k, v in sums.items()))
 """
 
 
+# The checks both truth suites make (tests/test_e2e.py on cgroup v1, tests/vm on v2), each on
+# one scrape `m` and the unit name of one of the sample workloads.
+def check_anon_hog(m: Scrape, unit: str) -> None:
+    """150 MiB of touched anonymous memory."""
+    assert m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= 140 * MiB
+    assert m.value("systemd_unit_memory_stat_bytes", unit=unit, item="anon") >= 140 * MiB
+
+
+def check_page_cache_reader(m: Scrape, unit: str) -> None:
+    """Read a 200 MiB file from disk: systemctl's figure is cache, top's is small."""
+    assert m.value("systemd_unit_memory_bytes", unit=unit, type="page_cache") >= 180 * MiB
+    rss = m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") + m.value(
+        "systemd_unit_memory_bytes", unit=unit, type="rss_file"
+    )
+    assert rss < 40 * MiB
+
+
+def check_tmpfs_writer(m: Scrape, unit: str) -> None:
+    """100 MiB written to /dev/shm: shmem, counted inside page_cache."""
+    shmem = m.value("systemd_unit_memory_stat_bytes", unit=unit, item="shmem")
+    assert shmem >= 95 * MiB
+    assert m.value("systemd_unit_memory_bytes", unit=unit, type="page_cache") >= shmem
+
+
+def check_multi_process(m: Scrape, unit: str) -> None:
+    """A parent and 4 forked children holding 20 MiB each."""
+    assert m.value("systemd_unit_processes", unit=unit) == 5
+    # Forked children share their parent's pages: summed RSS exceeds what the cgroup holds.
+    assert m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= 80 * MiB
+
+
 @contextlib.contextmanager
 def exporter_in_host(host, interval: float, *flags: str) -> Iterator[ExporterClient]:
     """The exporter as a real process inside a test host, serving on the loopback the host
