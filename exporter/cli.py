@@ -40,6 +40,19 @@ def _positive(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+               "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def _size(text: str) -> int:
+    """A byte count: 4294967296, 4GiB, 512MiB, 4GB (case-insensitive)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 4GiB): {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 def _regex(text: str) -> str:
     try:
         re.compile(text)
@@ -111,6 +124,19 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument(
         "--sample.interval", dest="interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
         help="seconds between samples; 0 samples on each scrape (default %(default)s)",
+    )
+    # --collector.pss (exporter/pss.py): opt-in, because smaps_rollup holds each process's mmap_lock.
+    serve.add_argument(
+        "--collector.pss", dest="pss", action="store_true",
+        help="also export per-unit pss and uss from /proc/PID/smaps_rollup (costly: see --collector.pss.*)",
+    )
+    serve.add_argument(
+        "--collector.pss.budget", dest="pss_budget", type=_positive, default=2.0, metavar="SECONDS",
+        help="stop reading smaps_rollup after this long in a cycle; the rest of the units wait for the next (default %(default)s)",
+    )
+    serve.add_argument(
+        "--collector.pss.max-rss", dest="pss_max_rss", type=_size, default=4 << 30, metavar="BYTES",
+        help="do not read smaps_rollup of processes with a larger RSS, e.g. 4GiB (default 4GiB)",
     )
     _add_common(serve)
 
@@ -197,7 +223,8 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             print(f"systemd-memory-exporter: --web.config.file: {e}", file=sys.stderr)
             return 1
     discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout)
-    loop = SampleLoop(SamplerConfig(args.procfs, args.cgroupfs, args.interval), discovery, args.dbus_timeout)
+    config = SamplerConfig(args.procfs, args.cgroupfs, args.interval, args.pss, args.pss_budget, args.pss_max_rss)
+    loop = SampleLoop(config, discovery, args.dbus_timeout)
     try:
         server = serve(loop, args.listen, args.telemetry_path, web_config)
     except OSError as e:

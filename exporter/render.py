@@ -213,6 +213,22 @@ def health_families(snapshot: Snapshot) -> Iterator[Metric]:
     layout.add_metric([snapshot.layout.name, version.value if version else "none"], 1)
     yield layout
     yield GaugeMetricFamily(SELF + "units", "Units in the latest sample.", value=len(snapshot.units))
+    if snapshot.pss_skipped is not None:  # --collector.pss
+        skipped = CounterMetricFamily(
+            SELF + "pss_skipped_processes_total",
+            "Processes whose smaps_rollup was not read, so their units had no pss/uss that cycle: max_rss "
+            "(RSS above --collector.pss.max-rss), error (unreadable or unparsable).",
+            labels=["reason"],
+        )
+        for reason in ("max_rss", "error"):
+            skipped.add_metric([reason], snapshot.pss_skipped.get(reason, 0))
+        yield skipped
+        yield CounterMetricFamily(
+            SELF + "pss_deferred_units_total",
+            "Units left without pss/uss for a cycle because --collector.pss.budget ran out; the next cycle "
+            "starts with them.",
+            value=snapshot.pss_deferred_units or 0,
+        )
 
 
 def render(snapshot: Snapshot) -> bytes:

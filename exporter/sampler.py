@@ -28,6 +28,7 @@ from .cgroupfs import (
     read_text,
 )
 from .procfs import parse_status_bytes
+from .pss import PssCollector
 from .snapshot import ProcessTotals, Snapshot, SourceHealth, UnitSample
 from .systemd import DiscoveryResult
 
@@ -39,6 +40,10 @@ class SamplerConfig:
     procfs: str = "/proc"
     cgroupfs: str = "/sys/fs/cgroup"
     interval: float = 15.0
+    # --collector.pss: per-unit PSS/USS from smaps_rollup, bounded (exporter/pss.py).
+    pss: bool = False
+    pss_budget: float = 2.0
+    pss_max_rss: int = 4 << 30
 
 
 class ErrorLog:
@@ -98,19 +103,22 @@ class ProcessWalker:
         """cgroup path -> totals of its subtree, for every cgroup at or below ``cgroups``."""
         result: dict[str, ProcessTotals] = {}
         for root in minimal_roots(cgroups):
-            self._walk(root, result)
+            self._walk(root, result, listed=False)
         return result
 
-    def _walk(self, cgroup: str, result: dict[str, ProcessTotals]) -> ProcessTotals | None:
+    def _walk(self, cgroup: str, result: dict[str, ProcessTotals], listed: bool = True) -> ProcessTotals | None:
+        """``listed``: the directory was seen in its parent's listing, so its absence now means
+        it vanished mid-walk. A unit's own path may never have existed (systemd names a
+        ControlGroup for idle sockets and mounts that have no directory): no cgroup, no count."""
         directory = _join(self.procs_root, cgroup)
         try:
             pids = parse_procs_bytes(read_bytes(directory + "/cgroup.procs"))
             children = _subdirectories(directory)
         except OSError as e:
-            if e.errno in VANISHED_ERRNOS:
-                self.errors.vanished["cgroup"] += 1
-            else:
+            if e.errno not in VANISHED_ERRNOS:
                 self.errors.os_error("cgroup", directory, e)
+            elif listed:
+                self.errors.vanished["cgroup"] += 1
             return None
         except ParseError as e:
             self.errors.error("cgroup", "parse", directory + "/cgroup.procs", str(e))
@@ -222,6 +230,7 @@ class Sampler:
         self.errors = ErrorLog()
         self.samples_total = 0
         self._last_success: dict[str, float] = {}
+        self.pss = PssCollector(None, config.procfs, config.pss_budget, config.pss_max_rss) if config.pss else None
 
     def sample(self) -> Snapshot:
         started_wall, started_cpu = time.time(), time.thread_time()
@@ -258,13 +267,19 @@ class Sampler:
         )
         phase("procfs")
 
+        pss: dict[str, tuple[int, int] | None] = {}
+        if self.pss is not None:
+            pss = self.pss.collect(found.units, layout.procs_root).values
+            phase("pss")
+
         units = []
         for unit in found.units:
             processes = totals.get(unit.control_group)
             memory = memories[unit.name]
             if processes is None and memory is None:
                 continue  # the cgroup is gone: the unit stopped since discovery
-            units.append(UnitSample(unit, processes or ProcessTotals(), memory))
+            pss_uss = pss.get(unit.name) or (None, None)
+            units.append(UnitSample(unit, processes or ProcessTotals(), memory, *pss_uss))
         sources["cgroup"] = self._health("cgroup", cgroup_ok, _layout_message(layout), started_wall)
         sources["procfs"] = self._health("procfs", procfs_ok, "", started_wall)
         self.samples_total += 1
@@ -282,6 +297,8 @@ class Sampler:
             vanished=MappingProxyType(dict(self.errors.vanished)),
             samples_total=self.samples_total,
             dbus_transport=found.transport,
+            pss_skipped=None if self.pss is None else MappingProxyType(dict(self.pss.skipped_total)),
+            pss_deferred_units=None if self.pss is None else self.pss.deferred_units_total,
         )
 
     def _health(self, source: str, ok: bool, message: str, now: float, success_at: float | None = None) -> SourceHealth:

@@ -61,6 +61,10 @@ class Snapshot:
     vanished: Mapping[str, int]  # "process"/"cgroup" -> count since start
     samples_total: int
     dbus_transport: str
+    # --collector.pss only (None without it): processes not read by reason (max_rss, error),
+    # and units left for a later cycle by the time budget; both counted since start.
+    pss_skipped: Mapping[str, int] | None = None
+    pss_deferred_units: int | None = None
 
     def unit(self, name: str) -> UnitSample | None:
         return next((u for u in self.units if u.unit.name == name), None)

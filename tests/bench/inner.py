@@ -1,0 +1,246 @@
+"""The part of the benchmark that runs inside the test host: python3 tests/bench/inner.py MODE ...
+
+Run as a script (not -m) so that ``import exporter`` finds whatever PYTHONPATH points at: the
+checkout, or a baseline revision extracted by bench.py for a side-by-side run.
+
+Modes (each prints one JSON object on stdout):
+  cycle --cycles K [--render-direct]
+                       K sample cycles of the real Sampler with the real D-Bus discovery, in
+                       this thread, each followed by service.publish (render + gzip). CPU
+                       (thread_time) and wall time per phase: discovery, cgroup, procfs, build,
+                       render. The first cycle (ControlGroup fetched for every unit) is reported
+                       apart from the median of the others (steady state).
+  record               two warm cycles, then one cycle between marker stats: run under
+                       strace, the syscalls between the markers are exactly one cycle's reads,
+                       with the procfs phase marked off too.
+  pss --cycles K       K cycles of exporter.pss.PssCollector over the discovered units.
+  count                processes, and how many have statm shared == 0 (where status could be
+                       skipped if only statm were read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import exporter
+from exporter import sampler as sampler_module
+from exporter.cgroupfs import detect_layout
+from exporter.sampler import DiscoveryResult, Sampler, SamplerConfig
+from exporter.service import publish
+from exporter.systemd import Discovery, UnitFilter
+
+PHASES = ("discovery", "cgroup", "procfs", "build", "render")
+MARK_BEGIN = "/BENCH-MARK-begin"
+MARK_END = "/BENCH-MARK-end"
+MARK_PROCFS = "/BENCH-MARK-procfs"
+MARK_PROCFS_END = "/BENCH-MARK-procfs-end"
+
+
+class Clock:
+    """(thread CPU, wall) stamps at the phase boundaries of Sampler.sample()."""
+
+    def __init__(self):
+        self.marks: dict[str, tuple[float, float]] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = (time.thread_time(), time.perf_counter())
+
+    def span(self, start: str, end: str) -> tuple[float, float]:
+        (c0, w0), (c1, w1) = self.marks[start], self.marks[end]
+        return c1 - c0, w1 - w0
+
+
+def timed_sampler(clock: Clock, discovery: Discovery) -> Sampler:
+    """The real Sampler, with stamps taken where its phases change.
+
+    Sampler.sample() builds a ProcessWalker right after the cgroup phase and calls totals()
+    for the procfs phase; a subclass put in its module's namespace stamps both edges. The
+    exporter's own sample_cpu_seconds counts the sampler thread only; here discovery runs on
+    the same thread, so its CPU (the D-Bus client side) is counted too.
+    """
+    base = sampler_module.ProcessWalker
+
+    class StampingWalker(base):
+        def __init__(self, *args, **kwargs):
+            clock.mark("procfs_start")
+            super().__init__(*args, **kwargs)
+
+        def totals(self, cgroups):
+            result = super().totals(cgroups)
+            clock.mark("procfs_end")
+            return result
+
+    sampler_module.ProcessWalker = StampingWalker
+
+    def discover() -> DiscoveryResult:
+        clock.mark("discovery_start")
+        units = discovery.refresh()
+        clock.mark("discovery_end")
+        return DiscoveryResult(units, True, "", time.time(), discovery.transport)
+
+    return Sampler(SamplerConfig(interval=15), discover)
+
+
+def one_cycle(sampler: Sampler, clock: Clock, render_direct=None) -> dict:
+    clock.mark("start")
+    snapshot = sampler.sample()
+    clock.mark("built")
+    published = publish(snapshot)
+    clock.mark("rendered")
+    direct = {}
+    if render_direct is not None:  # the proposal in render_direct.py, same gzip as publish()
+        c0, w0 = time.thread_time(), time.perf_counter()
+        body = render_direct(snapshot)
+        gzip.compress(body, compresslevel=5, mtime=0)
+        direct = {"render_direct_cpu": time.thread_time() - c0, "render_direct_wall": time.perf_counter() - w0,
+                  "render_direct_identical": body == published.body}
+    spans = {
+        "discovery": clock.span("start", "discovery_end"),
+        "cgroup": clock.span("discovery_end", "procfs_start"),
+        "procfs": clock.span("procfs_start", "procfs_end"),
+        "build": clock.span("procfs_end", "built"),
+        "render": clock.span("built", "rendered"),
+    }
+    root = snapshot.unit("-.slice")
+    return {
+        "cpu": {k: v[0] for k, v in spans.items()},
+        "wall": {k: v[1] for k, v in spans.items()},
+        "units": len(snapshot.units),
+        "processes": root.processes.processes if root else sum(u.processes.processes for u in snapshot.units),
+        "body_bytes": len(published.body),
+        "body_gzip_bytes": len(published.body_gzip),
+        "snapshot_cpu_seconds": snapshot.cpu_seconds,
+        "errors": sum(snapshot.errors.values()),
+        **direct,
+    }
+
+
+def cmd_cycle(args) -> dict:
+    discovery = Discovery(UnitFilter.build())
+    clock = Clock()
+    sampler = timed_sampler(clock, discovery)
+    direct = None
+    if args.render_direct:
+        from render_direct import render_direct as direct  # tests/bench/, this script's directory
+    cycles = [one_cycle(sampler, clock, direct) for _ in range(args.cycles)]
+    steady = cycles[1:] or cycles
+    median = {
+        kind: {phase: statistics.median(c[kind][phase] for c in steady) for phase in PHASES} for kind in ("cpu", "wall")
+    }
+    for kind in ("cpu", "wall"):
+        median[kind]["sample"] = statistics.median(sum(c[kind][p] for p in PHASES if p != "render") for c in steady)
+        median[kind]["cycle"] = statistics.median(sum(c[kind].values()) for c in steady)
+        median[kind]["files"] = statistics.median(c[kind]["cgroup"] + c[kind]["procfs"] for c in steady)
+    last = cycles[-1]
+    out = {
+        "exporter_path": os.path.dirname(exporter.__file__),
+        "cycles": len(cycles),
+        "first": {"cpu": cycles[0]["cpu"], "wall": cycles[0]["wall"]},
+        "median": median,
+        "samples_cpu_cycle": [sum(c["cpu"].values()) for c in steady],
+        **{k: last[k] for k in ("units", "processes", "body_bytes", "body_gzip_bytes", "errors")},
+        "driver_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if args.render_direct:
+        out["render_direct"] = {
+            "cpu": statistics.median(c["render_direct_cpu"] for c in steady),
+            "wall": statistics.median(c["render_direct_wall"] for c in steady),
+            "identical": all(c["render_direct_identical"] for c in cycles),
+        }
+    return out
+
+
+def cmd_record(args) -> dict:
+    """Markers: a stat of a path that does not exist shows in strace and costs nothing. They
+    bracket one cycle, and the procfs phase inside it, so the floor can be split by phase."""
+    discovery = Discovery(UnitFilter.build())
+    units = discovery.refresh()
+    base = sampler_module.ProcessWalker
+
+    class MarkingWalker(base):
+        def __init__(self, *args, **kwargs):
+            os.path.exists(MARK_PROCFS)
+            super().__init__(*args, **kwargs)
+
+        def totals(self, cgroups):
+            result = super().totals(cgroups)
+            os.path.exists(MARK_PROCFS_END)
+            return result
+
+    sampler_module.ProcessWalker = MarkingWalker
+    sampler = Sampler(SamplerConfig(interval=15), lambda: DiscoveryResult(units, True, "", time.time(), "system_bus"))
+    sampler.sample()
+    sampler.sample()
+    os.path.exists(MARK_BEGIN)
+    snapshot = sampler.sample()
+    os.path.exists(MARK_END)
+    return {"units": len(snapshot.units)}
+
+
+def cmd_pss(args) -> dict:
+    from exporter.pss import PssCollector
+
+    discovery = Discovery(UnitFilter.build())
+    units = discovery.refresh()
+    layout = detect_layout("/sys/fs/cgroup")
+    collector = PssCollector(layout.procs_root, "/proc", budget=args.budget, max_rss=args.max_rss)
+    runs = []
+    for _ in range(args.cycles):
+        c0, w0 = time.thread_time(), time.perf_counter()
+        result = collector.collect(units)
+        runs.append({"cpu": time.thread_time() - c0, "wall": time.perf_counter() - w0,
+                     "units_with_pss": sum(1 for v in result.values.values() if v is not None),
+                     "read": result.read, "skipped": dict(result.skipped)})
+    return {
+        "units": len(units),
+        "cpu": statistics.median(r["cpu"] for r in runs),
+        "wall": statistics.median(r["wall"] for r in runs),
+        "runs": runs,
+    }
+
+
+def cmd_count(args) -> dict:
+    processes = shared_zero = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/statm", "rb") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        processes += 1
+        if int(fields[2]) == 0:
+            shared_zero += 1
+    return {"processes": processes, "statm_shared_zero": shared_zero}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tests/bench/inner.py")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("cycle")
+    p.add_argument("--cycles", type=int, default=8)
+    p.add_argument("--render-direct", action="store_true", help="also time tests/bench/render_direct.py")
+    p.set_defaults(func=cmd_cycle)
+    sub.add_parser("record").set_defaults(func=cmd_record)
+    p = sub.add_parser("pss")
+    p.add_argument("--cycles", type=int, default=3)
+    p.add_argument("--budget", type=float, default=2.0)
+    p.add_argument("--max-rss", type=int, default=4 << 30)
+    p.set_defaults(func=cmd_pss)
+    sub.add_parser("count").set_defaults(func=cmd_count)
+    args = parser.parse_args(argv)
+    json.dump(args.func(args), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
