@@ -68,7 +68,16 @@ class ErrorLog:
 
     def os_error(self, source: str, where: str, error: OSError) -> None:
         reason = "permission" if error.errno in (errno.EACCES, errno.EPERM) else "io"
-        self.error(source, reason, where, error.strerror or str(error))
+        message = error.strerror or str(error)
+        if source == "procfs" and reason == "permission":
+            message += HIDEPID_HINT
+        self.error(source, reason, where, message)
+
+
+HIDEPID_HINT = (
+    " (other users' processes are hidden: is /proc mounted with hidepid? Their RSS is missing from"
+    " the per-unit sums; see deploy/systemd/README.md for the group or capability that restores them)"
+)
 
 
 def minimal_roots(paths: Iterable[str]) -> list[str]:
@@ -98,6 +107,24 @@ class ProcessWalker:
         self.procfs = procfs
         self.errors = errors
         self._status = os.fsencode(procfs) + b"/%d/status"
+        # hidepid=invisible makes another user's /proc/PID look like a process that exited.
+        # kill(pid, 0) tells them apart, but only for a procfs of our own PID namespace.
+        try:
+            self._own_pid_namespace = os.readlink(os.path.join(procfs, "self")) == str(os.getpid())
+        except OSError:
+            self._own_pid_namespace = False
+
+    def _hidden(self, pid: int) -> bool:
+        """A PID listed in cgroup.procs with no /proc entry: hidden from us, or gone?"""
+        if not self._own_pid_namespace:
+            return False
+        try:
+            os.kill(pid, 0)
+        except PermissionError:
+            return True  # alive, and not ours: hidepid hid it
+        except OSError:
+            return False
+        return False  # ours, so not hidden: it exited between the listing and the read
 
     def totals(self, cgroups: Iterable[str]) -> dict[str, ProcessTotals]:
         """cgroup path -> totals of its subtree, for every cgroup at or below ``cgroups``."""
@@ -134,7 +161,9 @@ class ProcessWalker:
             try:
                 pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(read_bytes(status % pid))
             except OSError as e:
-                if e.errno in VANISHED_ERRNOS:
+                if e.errno in VANISHED_ERRNOS and self._hidden(pid):
+                    self.errors.os_error("procfs", f"{self.procfs}/PID/status", PermissionError(errno.EACCES, "hidden"))
+                elif e.errno in VANISHED_ERRNOS:
                     self.errors.vanished["process"] += 1
                     count -= 1
                 else:
