@@ -5,12 +5,23 @@
 #   dbus, systemd: the real systemd test host (tests/testhost)
 #   openssl: certificates for the TLS tests
 #   qemu-system-x86, linux-image-amd64, debootstrap, e2fsprogs: the cgroup v2 guest (tests/vm)
+#   strace, prometheus-node-exporter, prometheus-process-exporter: the benchmark's file list
+#     and its peers (tests/bench; CI runs its smoke size)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+# Packages must not start their daemons on this machine (node_exporter would listen on
+# :9100): policy-rc.d tells invoke-rc.d to start nothing while we install.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy"
+  chmod +x "$policy"
+  trap 'rm -f "$policy"' EXIT
+fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
   libsystemd-dev pkg-config gcc \
   prometheus \
   dbus systemd util-linux procps curl openssl \
-  qemu-system-x86 linux-image-amd64 debootstrap e2fsprogs
+  qemu-system-x86 linux-image-amd64 debootstrap e2fsprogs \
+  strace prometheus-node-exporter prometheus-process-exporter
 python3 -m pip install -q -e "$(dirname "$0")/..[test]"
