@@ -4,6 +4,7 @@ metrics. A thin shell: everything it shows comes from the snapshot.
 
 from __future__ import annotations
 
+import gzip
 import html
 import logging
 import socket
@@ -130,8 +131,6 @@ class Handler(BaseHTTPRequestHandler):
             f"systemd_memory_exporter_render_duration_seconds {published.render_seconds!r}\n"
         ).encode()
         if gzip_ok:
-            import gzip
-
             # The snapshot part was compressed once; gzip members may be concatenated (RFC 1952).
             tail = gzip.compress(own + render_line, compresslevel=1, mtime=0)
             body = published.body_gzip + tail

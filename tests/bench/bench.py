@@ -529,8 +529,7 @@ def measure_cycles(host: TestHost, opts: Options, baseline: str | None) -> dict:
     rounds = 2 if baseline else 1
     for _ in range(rounds):
         for name, path in variants.items():
-            extra = ["--render-direct"] if name == "current" else []
-            runs[name].append(inner_json(host, ["cycle", "--cycles", str(opts.cycles), *extra], path))
+            runs[name].append(inner_json(host, ["cycle", "--cycles", str(opts.cycles)], path))
     out = {}
     for name, results in runs.items():
         merged = results[0]
@@ -540,12 +539,6 @@ def measure_cycles(host: TestHost, opts: Options, baseline: str | None) -> dict:
             for kind in ("cpu", "wall"):
                 for key in merged["median"][kind]:
                     merged["median"][kind][key] = statistics.median(r["median"][kind][key] for r in results)
-            if "render_direct" in merged:
-                merged["render_direct"] = {
-                    "cpu": statistics.median(r["render_direct"]["cpu"] for r in results),
-                    "wall": statistics.median(r["render_direct"]["wall"] for r in results),
-                    "identical": all(r["render_direct"]["identical"] for r in results),
-                }
         out[name] = merged
     return out
 
@@ -620,9 +613,6 @@ def ratios(r: dict) -> dict:
         # Each phase against the floor of the calls that phase made (split by marker stats).
         out["procfs_vs_floor"] = cycle["procfs"] / floor["procfs_phase"]["cpu"] if floor["procfs_phase"]["cpu"] else None
         out["cgroup_vs_floor"] = cycle["cgroup"] / floor["cgroup_phase"]["cpu"] if floor["cgroup_phase"]["cpu"] else None
-    direct = r["cycle"].get("render_direct")
-    if floor and direct and direct["identical"]:
-        out["sample_vs_floor_with_render_direct"] = (cycle["cycle"] - cycle["render"] + direct["cpu"]) / floor["cpu"]
     if "baseline_cycle" in r:
         base = r["baseline_cycle"]["median"]["cpu"]
         out["baseline_sample_cpu_seconds"] = base["cycle"]
@@ -694,8 +684,6 @@ def table(results: dict) -> str:
     row("procfs phase / its files' floor", lambda r: r["ratios"]["procfs_vs_floor"], "x")
     row("cgroup phase / its files' floor", lambda r: r["ratios"]["cgroup_vs_floor"], "x")
     row("floor with statm instead of status", lambda r: r["floor"]["with_statm_instead_of_status"]["cpu"] * 1e3, " ms")
-    row("proposal: render_direct.py CPU (same bytes)", lambda r: r["cycle"]["render_direct"]["cpu"] * 1e3, " ms")
-    row("cycle CPU / floor with that render", lambda r: r["ratios"]["sample_vs_floor_with_render_direct"], "x")
     row("cycle CPU per unit", lambda r: r["cycle"]["median"]["cpu"]["cycle"] / r["units"] * 1e6, " µs")
     row("cycle CPU per process", lambda r: r["cycle"]["median"]["cpu"]["cycle"] / r["processes"] * 1e6, " µs")
     if any("baseline_cycle" in r for r in results["sizes"].values()):

@@ -4,7 +4,7 @@ Run as a script (not -m) so that ``import exporter`` finds whatever PYTHONPATH p
 checkout, or a baseline revision extracted by bench.py for a side-by-side run.
 
 Modes (each prints one JSON object on stdout):
-  cycle --cycles K [--render-direct]
+  cycle --cycles K
                        K sample cycles of the real Sampler with the real D-Bus discovery, in
                        this thread, each followed by service.publish (render + gzip). CPU
                        (thread_time) and wall time per phase: discovery, cgroup, procfs, build,
@@ -21,7 +21,6 @@ Modes (each prints one JSON object on stdout):
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
@@ -88,19 +87,12 @@ def timed_sampler(clock: Clock, discovery: Discovery) -> Sampler:
     return Sampler(SamplerConfig(interval=15), discover)
 
 
-def one_cycle(sampler: Sampler, clock: Clock, render_direct=None) -> dict:
+def one_cycle(sampler: Sampler, clock: Clock) -> dict:
     clock.mark("start")
     snapshot = sampler.sample()
     clock.mark("built")
     published = publish(snapshot)
     clock.mark("rendered")
-    direct = {}
-    if render_direct is not None:  # the proposal in render_direct.py, same gzip as publish()
-        c0, w0 = time.thread_time(), time.perf_counter()
-        body = render_direct(snapshot)
-        gzip.compress(body, compresslevel=5, mtime=0)
-        direct = {"render_direct_cpu": time.thread_time() - c0, "render_direct_wall": time.perf_counter() - w0,
-                  "render_direct_identical": body == published.body}
     spans = {
         "discovery": clock.span("start", "discovery_end"),
         "cgroup": clock.span("discovery_end", "procfs_start"),
@@ -118,7 +110,6 @@ def one_cycle(sampler: Sampler, clock: Clock, render_direct=None) -> dict:
         "body_gzip_bytes": len(published.body_gzip),
         "snapshot_cpu_seconds": snapshot.cpu_seconds,
         "errors": sum(snapshot.errors.values()),
-        **direct,
     }
 
 
@@ -126,10 +117,7 @@ def cmd_cycle(args) -> dict:
     discovery = Discovery(UnitFilter.build())
     clock = Clock()
     sampler = timed_sampler(clock, discovery)
-    direct = None
-    if args.render_direct:
-        from render_direct import render_direct as direct  # tests/bench/, this script's directory
-    cycles = [one_cycle(sampler, clock, direct) for _ in range(args.cycles)]
+    cycles = [one_cycle(sampler, clock) for _ in range(args.cycles)]
     steady = cycles[1:] or cycles
     median = {
         kind: {phase: statistics.median(c[kind][phase] for c in steady) for phase in PHASES} for kind in ("cpu", "wall")
@@ -148,12 +136,6 @@ def cmd_cycle(args) -> dict:
         **{k: last[k] for k in ("units", "processes", "body_bytes", "body_gzip_bytes", "errors")},
         "driver_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if args.render_direct:
-        out["render_direct"] = {
-            "cpu": statistics.median(c["render_direct_cpu"] for c in steady),
-            "wall": statistics.median(c["render_direct_wall"] for c in steady),
-            "identical": all(c["render_direct_identical"] for c in cycles),
-        }
     return out
 
 
@@ -227,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("cycle")
     p.add_argument("--cycles", type=int, default=8)
-    p.add_argument("--render-direct", action="store_true", help="also time tests/bench/render_direct.py")
     p.set_defaults(func=cmd_cycle)
     sub.add_parser("record").set_defaults(func=cmd_record)
     p = sub.add_parser("pss")
