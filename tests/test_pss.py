@@ -4,7 +4,6 @@ fixture tree, and on the real-systemd test host a forked unit whose PSS is below
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -162,18 +161,10 @@ def test_a_unit_bigger_than_the_budget_does_not_starve_the_others(tmp_path):
 @pytest.mark.e2e
 def test_forked_unit_pss_is_below_its_summed_rss(testhost, workload):
     from tests.testhost import workloads
-    from tests.truth import ExporterClient, free_port
+    from tests.truth import exporter_in_host
 
     unit_name = workload(workloads.multi_process, children=4, mib=20)
-    port = free_port()
-    proc = testhost.popen(
-        ["python3", "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}", "--sample.interval=1",
-         "--collector.pss", "--unit.include=th-multi-.*"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    client = ExporterClient(f"http://127.0.0.1:{port}/metrics", 1.0)
-    try:
-        client.wait_ready(timeout=20)
+    with exporter_in_host(testhost, 1.0, "--collector.pss", "--unit.include=th-multi-.*") as client:
         deadline = time.monotonic() + 20
         while True:
             m = client.scrape()
@@ -191,11 +182,3 @@ def test_forked_unit_pss_is_below_its_summed_rss(testhost, workload):
         assert uss <= pss < rss, (uss, pss, rss)
         assert m.value("systemd_memory_exporter_pss_skipped_processes_total", reason="max_rss") == 0
         assert m.get("systemd_memory_exporter_sample_duration_seconds", phase="pss") is not None
-    finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        assert "Traceback" not in out, out

@@ -46,20 +46,12 @@ def recovered_with(exporter, unit: str):
     )
 
 
-def test_dbus_restart(testhost, exporter):
-    testhost.systemctl("restart", "dbus.service")
+@pytest.mark.parametrize("action", [["restart", "dbus.service"], ["daemon-reexec"]], ids=["dbus-restart", "daemon-reexec"])
+def test_recovers_after(testhost, exporter, action):
+    testhost.systemctl(*action)
     unit = workloads.anon_hog(testhost, 5)
     try:
-        wait_for(lambda: recovered_with(exporter, unit), 2 * INTERVAL + 2, "recovery after a dbus restart")
-    finally:
-        workloads.stop_units(testhost, [unit])
-
-
-def test_daemon_reexec(testhost, exporter):
-    testhost.systemctl("daemon-reexec")
-    unit = workloads.anon_hog(testhost, 5)
-    try:
-        wait_for(lambda: recovered_with(exporter, unit), 2 * INTERVAL + 2, "recovery after daemon-reexec")
+        wait_for(lambda: recovered_with(exporter, unit), 2 * INTERVAL + 2, f"recovery after systemctl {' '.join(action)}")
     finally:
         workloads.stop_units(testhost, [unit])
 
