@@ -18,6 +18,8 @@ from exporter.cgroupfs import (
 )
 from exporter.memory import memory_from_v1, memory_from_v2
 from exporter.procfs import NO_USER_MEMORY, parse_status
+from exporter.pss import parse_smaps_rollup, parse_statm_resident
+from exporter.systemd import parse_list_units
 
 # /proc/PID/status of a `cat` on the development host (kernel 6.18), cut to its memory part
 # plus the "Threads:" line that marks a complete file.
@@ -154,7 +156,7 @@ def test_one_bad_file_leaves_the_others():
 
 
 # Property tests: whatever bytes a file holds, a parser returns a value or raises ParseError.
-PARSERS = [parse_single_value, parse_limit, parse_v1_limit, parse_flat_keyed, parse_pressure, parse_procs, parse_status]
+PARSERS = [parse_smaps_rollup, parse_single_value, parse_limit, parse_v1_limit, parse_flat_keyed, parse_pressure, parse_procs, parse_status]
 texts = st.one_of(
     st.text(max_size=300),
     st.binary(max_size=300).map(lambda b: b.decode("ascii", errors="replace")),
@@ -195,3 +197,23 @@ def test_one_malformed_stat_line_keeps_the_rest():
     m = memory_from_v2({"memory.stat": "anon 5\nfile -3\nshmem 2\n"}, problems)
     assert dict(m.stat) == {"anon": 5, "shmem": 2}
     assert problems == [("memory.stat", "skipped malformed line 'file -3'")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_statm_parser_raises_only_parse_error(data):
+    try:
+        assert parse_statm_resident(data) >= 0
+    except ParseError:
+        pass
+
+
+def test_list_units_keeps_loaded_units_and_their_exact_names():
+    # The shape pystemd returns for ListUnits (a(ssssssouso)), strings as bytes.
+    body = [
+        (b"foo\\x2dbar.service", b"Foo", b"loaded", b"active", b"running", b"", b"/org/freedesktop/systemd1/unit/foo", 0, b"", b"/"),
+        (b"gone.service", b"", b"not-found", b"inactive", b"dead", b"", b"/org/freedesktop/systemd1/unit/gone", 0, b"", b"/"),
+    ]
+    (unit,) = parse_list_units(body)
+    assert unit.name == "foo\\x2dbar.service" and unit.active_state == "active" and unit.sub_state == "running"
+    assert unit.object_path == b"/org/freedesktop/systemd1/unit/foo"
