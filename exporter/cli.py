@@ -185,7 +185,7 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         try:
             return DiscoveryResult(discovery.refresh(), True, "", None, discovery.transport)
         except DiscoveryError as e:
-            return DiscoveryResult((), False, str(e), None, "none")
+            return DiscoveryResult((), False, str(e), None, "none", "unavailable")
 
     snapshot = Sampler(SamplerConfig(args.procfs, args.cgroupfs, 0), discover).sample()
     discovery.close()

@@ -59,6 +59,8 @@ class DiscoveryProcess:
         else:
             wait = 0  # asked in an earlier cycle and still hanging: look, don't wait again
         line = self._read_line(wait)
+        if line is None and self._pending_since is None:  # the child died mid-answer
+            return self._failed("discovery process exited; starting another at the next cycle")
         if line is None:
             overdue = time.monotonic() - self._pending_since
             if overdue > self.hang_limit:
@@ -82,12 +84,12 @@ class DiscoveryProcess:
             log.error("unit discovery failed, serving the last known units and retrying: %s", message)
             self._logged_down = True
         last = self._result
-        self._result = DiscoveryResult(last.units, False, message, last.refreshed_at, transport)
+        self._result = DiscoveryResult(last.units, False, message, last.refreshed_at, transport, "unavailable")
         return self._result
 
     def _stale(self, message: str) -> DiscoveryResult:
         last = self._result
-        return DiscoveryResult(last.units, False, message, last.refreshed_at, last.transport)
+        return DiscoveryResult(last.units, False, message, last.refreshed_at, last.transport, "timeout")
 
     def _read_line(self, timeout: float) -> bytes | None:
         deadline = time.monotonic() + timeout

@@ -275,8 +275,7 @@ class Sampler:
         sources: dict[str, SourceHealth] = {}
         found = self.discover()
         if not found.ok:
-            reason = "timeout" if "did not answer" in found.message or "timed out" in found.message else "unavailable"
-            self.errors.error("dbus", reason, "systemd", found.message)
+            self.errors.error("dbus", found.failure or "unavailable", "systemd", found.message)
         sources["dbus"] = self._health("dbus", found.ok, found.message, started_wall, found.refreshed_at)
         phase("discovery")
 

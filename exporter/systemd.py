@@ -97,6 +97,9 @@ class DiscoveryResult:
     message: str
     refreshed_at: float | None  # unix time of the last successful refresh
     transport: str
+    # Why it failed, as errors_total{source="dbus"} counts it: "timeout" (no answer in time)
+    # or "unavailable" (no bus or systemd, or an error reply). "" when ok.
+    failure: str = ""
 
 
 class DiscoveryError(Exception):

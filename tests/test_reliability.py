@@ -100,5 +100,7 @@ def test_frozen_dbus_daemon(testhost, exporter):
     assert later_sample > frozen_sample, "sampling must go on while D-Bus is frozen"
     assert slowest < 1.0, f"a scrape took {slowest:.2f}s during the freeze"
     assert marked["down"] or marked["private"], "the freeze must show in the self-metrics"
+    if marked["down"]:
+        assert exporter.scrape().value("systemd_memory_exporter_errors_total", source="dbus", reason="timeout") > 0
     print(f"freeze {FREEZE_SECONDS}s: slowest scrape {slowest * 1000:.0f} ms, recovered {recovery:.1f}s after SIGCONT, "
           f"dbus marked down: {marked['down']}, fell back to the private socket: {marked['private']}")
