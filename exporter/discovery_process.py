@@ -52,7 +52,7 @@ class DiscoveryProcess:
             try:
                 self._proc.stdin.write(b"refresh\n")
                 self._proc.stdin.flush()
-            except OSError as e:
+            except (OSError, ValueError) as e:  # ValueError: its pipe already closed
                 self._kill()
                 return self._failed(f"discovery process gone: {e}")
             self._pending_since = time.monotonic()

@@ -56,9 +56,17 @@ class SampleLoop:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends sampling. The sampler thread owns the discovery child and closes it itself:
+        closing it from here raced with a request in flight ("write to closed file")."""
         self._stop.set()
         self._wanted.set()
-        self._discovery.stop()
+        if self._thread.is_alive():
+            # A cycle waits at most dbus_timeout + 1 s for discovery and closing the child up
+            # to 2 s more; past that, exit anyway: the thread is a daemon and the child exits
+            # when its stdin closes with us.
+            self._thread.join(self.dbus_timeout + 4)
+        elif self._thread.ident is None:  # never started
+            self._discovery.stop()
 
     def latest(self, wait: float = 0.0) -> Published | None:
         """The latest snapshot; with interval 0, a fresh one (waiting up to ``wait`` seconds)."""
@@ -74,6 +82,12 @@ class SampleLoop:
             return self._latest
 
     def _run(self) -> None:
+        try:
+            self._sample_until_stopped()
+        finally:
+            self._discovery.stop()
+
+    def _sample_until_stopped(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:

@@ -132,23 +132,26 @@ def _value(metrics, name: str, **labels) -> float | None:
     return metrics.get((name, tuple(sorted(labels.items()))))
 
 
-def _under_home(path: str) -> bool:
-    return path == "/root" or path.startswith(("/root/", "/home/"))
+def _hidden_by_the_sandbox(path: str) -> bool:
+    """Under a directory that ProtectHome=yes or PrivateTmp=yes hides from the service."""
+    return any(path == top or path.startswith(top + "/") for top in ("/root", "/home", "/tmp", "/var/tmp"))
 
 
 @pytest.fixture
 def installed_unit(testhost, request):
     """The shipped unit, default file and sysusers user installed in the test host as
-    README.md says, with a venv at /opt/systemd-memory-exporter whose script runs this
-    checkout. Yields the port; stops and removes the unit afterwards."""
+    README.md says, with a venv at /opt/systemd-memory-exporter holding a copy of this
+    checkout's package. Yields the port; stops and removes the unit afterwards."""
     host = testhost
     port = _free_port()
     venv = "/opt/systemd-memory-exporter"
     host.run(["rm", "-rf", venv])
     host.run([host.python, "-m", "venv", "--system-site-packages", "--without-pip", venv])
     version = host.run([f"{venv}/bin/python", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]).stdout.strip()
-    # What `pip install` of the checkout would give, without building in the (shared) checkout.
-    host.write_file(f"{venv}/lib/python{version}/site-packages/systemd_memory_exporter_checkout.pth", f"{host.checkout}\n")
+    # What `pip install` of the checkout would give, without building in the (shared) checkout:
+    # a copy of the package, not a .pth to the checkout, which PrivateTmp=yes hides when the
+    # checkout lives under /tmp (and ProtectHome under /home or /root).
+    host.run(["cp", "-r", f"{host.checkout}/exporter", f"{venv}/lib/python{version}/site-packages/"])
     script = f"{venv}/bin/systemd-memory-exporter"
     host.write_file(script, f"#!{venv}/bin/python\nimport sys\nfrom exporter.cli import main\nsys.exit(main())\n")
     host.run(["chmod", "755", script])
@@ -160,7 +163,7 @@ def installed_unit(testhost, request):
     host.write_file(sysusers, (DEPLOY / "systemd-memory-exporter.sysusers").read_text())
     host.run(["systemd-sysusers", sysusers])
     # Test-only: an interpreter under /root (pyenv) is hidden by ProtectHome=yes.
-    hidden = [p for p in {os.path.realpath(host.python).rsplit("/bin/", 1)[0], str(host.checkout)} if _under_home(p)]
+    hidden = [p for p in [os.path.realpath(host.python).rsplit("/bin/", 1)[0]] if _hidden_by_the_sandbox(p)]
     dropin = f"/etc/systemd/system/{UNIT}.d/test.conf"
     if hidden:
         host.write_file(dropin, "[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths=" + " ".join(map(shlex.quote, hidden)) + "\n")

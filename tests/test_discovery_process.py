@@ -4,6 +4,9 @@ misbehave: one that dies mid-answer, one that never answers."""
 from __future__ import annotations
 
 import sys
+import threading
+import time
+from pathlib import Path
 
 from exporter.discovery_process import DiscoveryProcess
 
@@ -33,5 +36,54 @@ def test_a_child_that_never_answers_is_a_timeout_and_is_not_waited_for_twice():
         assert (first.ok, first.failure) == (False, "timeout")
         second = client.request(wait=30)  # still pending: looked at, not waited for
         assert second.failure == "timeout" and "not answered" in second.message
+    finally:
+        client._kill()
+
+
+ANSWERING_CHILD = """
+import sys, time
+for _ in sys.stdin.buffer:
+    sys.stdout.write('{"ok":true,"transport":"system_bus","units":[]}\\n')
+    sys.stdout.flush()
+time.sleep(5)  # slow to exit at EOF, so a closed pipe is seen before the child is gone
+"""
+
+
+def test_stopping_as_a_cycle_begins_closes_the_child_without_a_failed_cycle(caplog):
+    """Shutdown used to close the child's pipe from the main thread just as the sampler thread
+    began a cycle: "ValueError: write to closed file" and a traceback (seen in CI). The stop
+    now lands exactly there: between the cycle's start and its request to the child."""
+    from exporter.sampler import SamplerConfig
+    from exporter.service import SampleLoop
+
+    fixtures = Path(__file__).parent / "fixtures" / "hybrid"
+    client = client_with_child(ANSWERING_CHILD)
+    loop = SampleLoop(SamplerConfig(str(fixtures / "proc"), str(fixtures / "sys/fs/cgroup"), 0.05), client, 0.2)
+    cycle_began = threading.Event()
+
+    def discover_a_little_late():
+        cycle_began.set()
+        time.sleep(0.3)
+        return client.request(wait=1.2)
+
+    loop._sampler.discover = discover_a_little_late
+    loop.start()
+    assert loop.latest(wait=5) is not None
+    cycle_began.clear()
+    assert cycle_began.wait(5)
+    child = client._proc
+    loop.stop()  # mid-cycle, before its request
+    assert child is not None and child.poll() is not None, "the discovery child outlived stop()"
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
+def test_a_closed_pipe_is_a_failed_refresh_not_an_exception():
+    client = client_with_child(ANSWERING_CHILD)
+    try:
+        assert client.request(wait=2).ok
+        client._proc.stdin.close()  # what the old shutdown did behind the sampler's back
+        result = client.request(wait=2)
+        assert (result.ok, result.failure) == (False, "unavailable")
+        assert "gone" in result.message
     finally:
         client._kill()
