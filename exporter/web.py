@@ -135,7 +135,7 @@ class Handler(BaseHTTPRequestHandler):
             tail = gzip.compress(own + render_line, compresslevel=1, mtime=0)
             body = published.body_gzip + tail
         else:
-            body = published.body + own + render_line
+            body = published.body() + own + render_line
         log.debug("scrape served in %.1f ms", (time.perf_counter() - started) * 1000)
         self._send(200, body, CONTENT_TYPE, gzip_ok)
 

@@ -117,6 +117,18 @@ def test_gzip_scrape_decodes_to_the_same_families(server):
     Scrape.parse(text)
 
 
+def test_plain_and_gzip_scrapes_carry_the_same_series(server):
+    """Only the gzip body is kept per snapshot; a plain scrape gets it decompressed."""
+    def series(headers):
+        response = get(server + "/metrics", headers)
+        body = response.read()
+        text = gzip.decompress(body).decode() if response.headers["Content-Encoding"] == "gzip" else body.decode()
+        return {(s.name, tuple(sorted(s.labels.items()))) for s in Scrape.parse(text).samples}
+
+    plain, zipped = series({}), series({"Accept-Encoding": "gzip"})
+    assert plain == zipped and any(name == "systemd_memory_exporter_source_up" for name, _ in plain)
+
+
 def test_landing_page_links_the_metrics(server):
     page = get(server + "/").read().decode()
     assert 'href="/metrics"' in page and "dbus DOWN" in page

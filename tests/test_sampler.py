@@ -185,3 +185,13 @@ def test_bad_tree_reports_every_other_unit_and_counts_errors():
     assert snapshot.errors[("procfs", "parse")] == 2
     assert not snapshot.sources["cgroup"].up
     render(snapshot)  # renders without raising
+
+
+def test_published_keeps_the_rendered_text_compressed_and_gives_it_back_unchanged():
+    from exporter.service import publish
+
+    snapshot = sample_tree(FIXTURES / "hybrid")
+    published = publish(snapshot)
+    text = render(snapshot)
+    assert published.body() == text and published.body_size == len(text)
+    assert len(published.body_gzip) < len(text) / 4

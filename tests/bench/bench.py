@@ -391,12 +391,20 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
                 time.sleep(delay)
         text = scraper.text()
         status = vm_status(host, pid)
-        all_rss_kib = 0  # the discovery child's too
+        all_rss_kib = all_pss_kib = 0  # the discovery child's too
         cgroup = unit_property(host, unit, "ControlGroup")
         for outside_pid in host.path(f"/sys/fs/cgroup/systemd{cgroup}/cgroup.procs").read_text().split():
             for line in Path(f"/proc/{outside_pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     all_rss_kib += int(line.split()[1])
+            # PSS: the interpreter's pages that parent and child share are counted once.
+            for line in Path(f"/proc/{outside_pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    all_pss_kib += int(line.split()[1])
+        # What systemctl status shows for the exporter's own unit, and the anonymous part of it.
+        memory_cgroup = host.path(f"/sys/fs/cgroup/memory{cgroup}")
+        unit_stat = dict(line.split() for line in (memory_cgroup / "memory.stat").read_text().splitlines())
+        unit_usage = int((memory_cgroup / "memory.usage_in_bytes").read_text())
         self_metrics = {
             "sample_cpu_seconds": metric(text, "systemd_memory_exporter_sample_cpu_seconds"),
             "render_seconds": metric(text, "systemd_memory_exporter_render_duration_seconds"),
@@ -413,6 +421,9 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
             "rss_mib": status["VmRSS"] / 1024,
             "hwm_mib": status["VmHWM"] / 1024,
             "rss_with_discovery_child_mib": all_rss_kib / 1024,
+            "pss_with_discovery_child_mib": all_pss_kib / 1024,
+            "unit_memory_usage_mib": unit_usage / 2**20,
+            "unit_anon_mib": int(unit_stat["total_rss"]) / 2**20,
             "scrape_ms": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
                           "p99": percentile(latencies, 99), "max": max(latencies), "n": len(latencies)},
             "scrape_gzip_bytes": statistics.median(sizes),
@@ -605,6 +616,7 @@ def ratios(r: dict) -> dict:
         "scrape_p50_ms": exporter.get("scrape_ms", {}).get("p50"),
         "scrape_p99_ms": exporter.get("scrape_ms", {}).get("p99"),
         "exporter_rss_mib": exporter.get("rss_mib"),
+        "exporter_pss_with_discovery_child_mib": exporter.get("pss_with_discovery_child_mib"),
         "cpu_vs_process_exporter": exporter["cpu_per_cycle"] / process["cpu_per_scrape"] if process and exporter else None,
         "cpu_vs_node_exporter": exporter["cpu_per_cycle"] / node["cpu_per_scrape"] if node and exporter else None,
         "scrape_vs_node_exporter": exporter["scrape_ms"]["p99"] / node["scrape_ms"]["p50"] if node and exporter else None,
@@ -696,6 +708,9 @@ def table(results: dict) -> str:
     row("core share at 15 s interval", lambda r: r["ratios"]["core_share_at_15s"] * 100, " %")
     row("exporter RSS (main process)", lambda r: r["exporter"]["rss_mib"], " MiB")
     row("exporter RSS incl. discovery child", lambda r: r["exporter"]["rss_with_discovery_child_mib"], " MiB")
+    row("exporter PSS incl. discovery child", lambda r: r["exporter"]["pss_with_discovery_child_mib"], " MiB")
+    row("exporter unit: cgroup usage (systemctl)", lambda r: r["exporter"]["unit_memory_usage_mib"], " MiB")
+    row("exporter unit: anon (total_rss)", lambda r: r["exporter"]["unit_anon_mib"], " MiB")
     row("scrape p50", lambda r: r["exporter"]["scrape_ms"]["p50"], " ms")
     row("scrape p99", lambda r: r["exporter"]["scrape_ms"]["p99"], " ms")
     row("scrape max", lambda r: r["exporter"]["scrape_ms"]["max"], " ms")

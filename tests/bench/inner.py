@@ -106,7 +106,8 @@ def one_cycle(sampler: Sampler, clock: Clock) -> dict:
         "wall": {k: v[1] for k, v in spans.items()},
         "units": len(snapshot.units),
         "processes": root.processes.processes if root else sum(u.processes.processes for u in snapshot.units),
-        "body_bytes": len(published.body),
+        # body_size since the plain text is no longer kept; a --baseline revision may predate it.
+        "body_bytes": getattr(published, "body_size", None) or len(published.body),
         "body_gzip_bytes": len(published.body_gzip),
         "snapshot_cpu_seconds": snapshot.cpu_seconds,
         "errors": sum(snapshot.errors.values()),
