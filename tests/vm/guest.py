@@ -15,6 +15,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,9 @@ class Guest:
         self._conn = None
         self._buffer = bytearray()
         self._next_id = 0
+        # One request in flight at a time: the scrape relay (tests/vm/relay.py) calls run()
+        # from its own thread while a test calls it from the main one.
+        self._lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -215,16 +219,17 @@ class Guest:
         Raises subprocess.TimeoutExpired after timeout seconds (the guest kills
         the command's process group) and CalledProcessError with check=True.
         """
-        self._next_id += 1
-        request = {"id": self._next_id, "argv": [str(a) for a in argv],
-                   "timeout": timeout, "cwd": cwd, "env": env}
-        if input is not None:
-            data = input.encode() if isinstance(input, str) else input
-            request["input"] = base64.b64encode(data).decode()
-        self._conn.sendall((json.dumps(request) + "\n").encode())
-        # Allow for the agent's own latency under TCG on top of the command's timeout.
-        reply = self._receive(lambda m: m.get("id") == request["id"],
-                              time.monotonic() + timeout + 60)
+        with self._lock:
+            self._next_id += 1
+            request = {"id": self._next_id, "argv": [str(a) for a in argv],
+                       "timeout": timeout, "cwd": cwd, "env": env}
+            if input is not None:
+                data = input.encode() if isinstance(input, str) else input
+                request["input"] = base64.b64encode(data).decode()
+            self._conn.sendall((json.dumps(request) + "\n").encode())
+            # Allow for the agent's own latency under TCG on top of the command's timeout.
+            reply = self._receive(lambda m: m.get("id") == request["id"],
+                                  time.monotonic() + timeout + 60)
         if "error" in reply:
             raise GuestError(f"{shlex.join(request['argv'])}: {reply['error']}")
         out, err = (base64.b64decode(reply[k]) for k in ("stdout", "stderr"))

@@ -26,11 +26,13 @@ from tests.truth import (
     check_multi_process,
     check_page_cache_reader,
     check_tmpfs_writer,
+    free_port,
     proc_sums_script,
 )
 
 from . import workloads
 from .guest import wait_until
+from .relay import scrape_relay
 from .image import GUEST_PROJECT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm]
@@ -462,6 +464,37 @@ def _fixture_dir(group: str) -> Path:
 
 
 READ_FILES = (*memfiles.V2_FILES, memfiles.PRESSURE_FILE)
+
+
+def test_every_dashboard_query_returns_data_in_a_real_prometheus(vm, exporter, units, tmp_path):
+    """Issue 4 on cgroup v2: a real Prometheus on the machine scrapes the guest's exporter (through
+    tests/vm/relay.py) with the shipped rules; every dashboard query returns data. Here that
+    includes what v1 cannot have (limit="high") and the v2 branches of the host-total panels
+    (-.slice has no cgroup_usage on v2, so they sum the top-level cgroups)."""
+    from tests.rules import prometheus as prom
+    from tests.rules import queries
+
+    with scrape_relay(vm, URL, free_port()) as target, \
+            prom.running([target], tmp_path, free_port(), scrape_interval="2s") as (prometheus, proc):
+        prometheus.wait_for_scrapes(5, timeout=90, proc=proc)
+        # An OOM kill Prometheus sees happen, for the dashboards' OOM annotation (an increase).
+        oom = workloads.oom_victim(vm, delay=8)  # scraped at oom_kill 0 before the kill
+        try:
+            seen = f'increase(systemd_unit_memory_events_total{{unit="{oom}", event="oom_kill"}}[1m]) > 0'
+            wait_until(lambda: prometheus.query(seen), 60, what=f"{oom}'s OOM kill in Prometheus")
+            values = {"instance": target, "job": prom.JOB}
+            empty = [f"{q.dashboard} / {q.panel} / {q.ref_id}: {q.expr}"
+                     for q in queries.dashboard_queries(values) if not prometheus.query(q.expr)]
+        finally:
+            workloads.stop_units(vm, [oom])
+        assert not empty, "queries without data:\n" + "\n".join(empty)
+        high = prometheus.query(f'systemd_unit_memory_limit_bytes{{unit="{units["limited"]}", limit="high"}}')
+        assert [float(series["value"][1]) for series in high] == [workloads.LIMITS["MemoryHigh"]]
+        # The host-total panels' v2 branch: the top-level cgroups, not a -.slice figure.
+        assert not prometheus.query('systemd_unit_memory_bytes{unit="-.slice", type="cgroup_usage"}')
+        host_total = next(q for q in queries.dashboard_queries(values) if q.panel == "systemctl's number")
+        top = prometheus.query(host_total.expr)
+        assert len(top) == 1 and float(top[0]["value"][1]) > 300 * MiB
 
 
 def test_fixture_has_the_files_the_guest_has(vm, exporter, units):

@@ -114,12 +114,13 @@ def swapping(vm, mib=150, memory_max="64M", unit=None):
                     properties=[f"MemoryMax={memory_max}", "MemorySwapMax=infinity"])
 
 
-def oom_victim(vm, mib=100, memory_max="32M", unit=None, timeout=60):
+def oom_victim(vm, mib=100, memory_max="32M", unit=None, timeout=60, delay=0):
     """A shell whose child allocates `mib` MiB under MemoryMax=memory_max without swap and
     is OOM-killed; the shell lives on (OOMPolicy=continue keeps the unit and its cgroup).
-    Returns once memory.events counts the kill."""
+    With `delay`, the child starts that many seconds late, so a scraper sees oom_kill 0
+    first (an increase() needs it). Returns once memory.events counts the kill."""
     unit = unit or _name("oom")
-    script = f"python3 -c {shlex.quote(HOLD)} {mib}; exec sleep 3600"
+    script = f"sleep {delay}; python3 -c {shlex.quote(HOLD)} {mib}; exec sleep 3600"
     start_unit(vm, unit, ["sh", "-c", script],
                properties=[f"MemoryMax={memory_max}", "MemorySwapMax=0", "OOMPolicy=continue"])
     events = f"{vm.cgroup_dir(unit)}/memory.events"

@@ -1,0 +1,85 @@
+"""A real Prometheus (Debian's `prometheus` binary) on loopback, with its own config and data
+directory, scraping given targets and evaluating the shipped rules. Used by
+tests/test_prometheus.py (exporter in the v1 test host) and tests/vm/test_v2_truth.py (exporter in
+the cgroup v2 guest, scraped through a relay)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from .queries import RULES_DIR
+
+JOB = "systemd-memory-exporter"
+RULE_FILES = (RULES_DIR / "recording-rules.yml", RULES_DIR / "alerting-rules.yml")
+
+
+class PrometheusError(RuntimeError):
+    pass
+
+
+class Prometheus:
+    def __init__(self, url: str, log: Path):
+        self.url = url
+        self.log = log
+
+    def query(self, expr: str) -> list[dict]:
+        data = urllib.parse.urlencode({"query": expr}).encode()
+        with urllib.request.urlopen(self.url + "/api/v1/query", data=data, timeout=30) as response:
+            body = json.load(response)
+        if body["status"] != "success":
+            raise PrometheusError(f"{expr}: {body}")
+        return body["data"]["result"]
+
+    def wait_for_scrapes(self, count: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+        """Until the job has `count` samples of `up` in the last minute (enough for 1m windows)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if len(self.query(f'count_over_time(up{{job="{JOB}"}}[1m]) >= {count}')) == 1:
+                    return
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise PrometheusError(f"Prometheus did not scrape {count} times:\n" + self.log.read_text()[-3000:])
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def running(targets: list[str], workdir: Path, port: int, scrape_interval: str = "1s",
+            scrape_timeout: str | None = None) -> Iterator[tuple[Prometheus, subprocess.Popen]]:
+    """Prometheus scraping `targets` (host:port) as job JOB with the shipped rules loaded."""
+    if shutil.which("prometheus") is None:
+        raise PrometheusError("prometheus is not installed (tests/prerequisites.sh installs it)")
+    job = {"job_name": JOB, "static_configs": [{"targets": targets}]}
+    if scrape_timeout:
+        job["scrape_timeout"] = scrape_timeout
+    config = {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "rule_files": [str(path) for path in RULE_FILES],
+        "scrape_configs": [job],
+    }
+    (workdir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    log = workdir / "prometheus.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            ["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=log_file,
+        )
+    try:
+        yield Prometheus(f"http://127.0.0.1:{port}", log), proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
