@@ -39,11 +39,12 @@ class Prometheus:
         return body["data"]["result"]
 
     def wait_for_scrapes(self, count: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-        """Until the job has `count` samples of `up` in the last minute (enough for 1m windows)."""
+        """Until the job has `count` successful scrapes in the last minute (enough for 1m
+        windows); a failed scrape records up 0, which sum_over_time does not count."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if len(self.query(f'count_over_time(up{{job="{JOB}"}}[1m]) >= {count}')) == 1:
+                if len(self.query(f'sum_over_time(up{{job="{JOB}"}}[1m]) >= {count}')) == 1:
                     return
             except OSError:
                 pass  # not listening yet

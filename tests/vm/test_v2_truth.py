@@ -475,8 +475,9 @@ def test_every_dashboard_query_returns_data_in_a_real_prometheus(vm, exporter, u
     from tests.rules import queries
 
     with scrape_relay(vm, URL, free_port()) as target, \
-            prom.running([target], tmp_path, free_port(), scrape_interval="2s") as (prometheus, proc):
-        prometheus.wait_for_scrapes(5, timeout=90, proc=proc)
+            prom.running([target], tmp_path, free_port(), scrape_interval="3s") as (prometheus, proc):
+        # Each scrape starts a python3 in the emulated guest: 3 s between them leaves room.
+        prometheus.wait_for_scrapes(5, timeout=120, proc=proc)
         # An OOM kill Prometheus sees happen, for the dashboards' OOM annotation (an increase).
         oom = workloads.oom_victim(vm, delay=8)  # scraped at oom_kill 0 before the kill
         try:
