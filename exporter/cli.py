@@ -205,7 +205,8 @@ def _return_big_buffers_to_the_kernel() -> None:
     threshold to the size of the first such buffer freed, so later ones land in the sampler
     thread's heap, whose freed space stays resident: RSS swung 33.8-41 MiB between cycles
     (tests/bench/RESULTS.md). A fixed threshold keeps them mmapped and returned at free, as
-    MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would. Reads stay below it (64 KiB)."""
+    MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would. File reads stay below it (64 KiB);
+    the discovery pipe's 1 MiB read buffer is mmapped once per cycle."""
     try:
         import ctypes
 
@@ -213,7 +214,7 @@ def _return_big_buffers_to_the_kernel() -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
         libc.mallopt(m_mmap_threshold, 128 << 10)
         libc.mallopt(m_trim_threshold, 128 << 10)
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): its defaults stand
+    except (ImportError, OSError, AttributeError):  # no _ctypes, or not glibc: defaults stand
         pass
 
 

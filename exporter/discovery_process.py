@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class DiscoveryProcess:
-    """The parent's side. Not thread-safe: the sampler thread alone calls ``request``."""
+    """The parent's side. Not thread-safe: the sampler thread alone calls ``request`` and
+    ``stop``; other threads may only ``interrupt``."""
 
     def __init__(self, include: str, exclude: str, types: list[str], private_socket: str, timeout: float):
         self._argv = [
@@ -120,6 +121,16 @@ class DiscoveryProcess:
             self._proc.wait()
             self._proc = None
         self._pending_since = None
+
+    def interrupt(self) -> None:
+        """The one call for another thread: kill the child, so that a request waiting on it
+        returns now, as for a child that died. A signal only; its pipes stay with the owner."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                proc.kill()
+            except OSError:
+                pass
 
     def stop(self) -> None:
         if self._proc is not None:

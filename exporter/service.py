@@ -67,10 +67,14 @@ class SampleLoop:
         self._stop.set()
         self._wanted.set()
         if self._thread.is_alive():
-            # A cycle waits at most dbus_timeout + 1 s for discovery and closing the child up
-            # to 2 s more; past that, exit anyway: the thread is a daemon and the child exits
-            # when its stdin closes with us.
-            self._thread.join(self.dbus_timeout + 4)
+            self._thread.join(2.0)
+            if self._thread.is_alive():
+                # Most likely waiting for D-Bus (up to dbus_timeout + 1 s): end the child, which
+                # the sampler sees as a child gone, so it finishes its cycle without waiting.
+                self._discovery.interrupt()
+                # Past this, exit anyway (systemd's TimeoutStopSec is 15 s): the thread is a
+                # daemon, and the child, if any, exits when its stdin closes with us.
+                self._thread.join(5.0)
         elif self._thread.ident is None:  # never started
             self._discovery.stop()
 

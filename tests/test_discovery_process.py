@@ -68,13 +68,39 @@ def test_stopping_as_a_cycle_begins_closes_the_child_without_a_failed_cycle(capl
 
     loop._sampler.discover = discover_a_little_late
     loop.start()
-    assert loop.latest(wait=5) is not None
-    cycle_began.clear()
-    assert cycle_began.wait(5)
-    child = client._proc
-    loop.stop()  # mid-cycle, before its request
+    try:
+        assert loop.latest(wait=5) is not None
+        cycle_began.clear()
+        assert cycle_began.wait(5)
+        child = client._proc
+    finally:
+        loop.stop()  # mid-cycle, before its request
     assert child is not None and child.poll() is not None, "the discovery child outlived stop()"
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
+def test_stopping_while_d_bus_hangs_is_prompt_and_ends_the_child():
+    """A cycle waits up to dbus_timeout + 1 s for the child; shutdown must not (systemd's
+    TimeoutStopSec is 15 s, and --dbus.timeout may be larger)."""
+    from exporter.sampler import SamplerConfig
+    from exporter.service import SampleLoop
+
+    fixtures = Path(__file__).parent / "fixtures" / "hybrid"
+    client = client_with_child("import sys, time; sys.stdin.readline(); time.sleep(120)")
+    loop = SampleLoop(SamplerConfig(str(fixtures / "proc"), str(fixtures / "sys/fs/cgroup"), 0.05), client, 60)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while client._pending_since is None:  # the request went out and hangs
+            assert time.monotonic() < deadline, "no request reached the child"
+            time.sleep(0.05)
+        child = client._proc
+    finally:
+        started = time.monotonic()
+        loop.stop()
+        took = time.monotonic() - started
+    assert not loop._thread.is_alive() and child.poll() is not None
+    assert took < 5, f"stop() took {took:.1f}s with D-Bus hanging"
 
 
 def test_a_closed_pipe_is_a_failed_refresh_not_an_exception():

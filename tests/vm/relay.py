@@ -5,7 +5,6 @@ on the machine scrape the exporter that runs in the guest, body for body."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
@@ -25,7 +24,7 @@ def scrape_relay(vm, guest_url: str, port: int, timeout: float = 10) -> Iterator
                 body = vm.run(["python3", "-c", _FETCH, guest_url, timeout], timeout=timeout + 10,
                               check=True, text=False).stdout
                 status = 200
-            except (subprocess.SubprocessError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure is a failed scrape, not a dead relay
                 body, status = f"relay: {guest_url}: {e}\n".encode(), 502
             self.send_response(status)
             self.send_header("Content-Type", EXPOSITION)
@@ -37,6 +36,8 @@ def scrape_relay(vm, guest_url: str, port: int, timeout: float = 10) -> Iterator
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    # server_close() then joins the handler threads: none may hold the agent into the next test.
+    server.daemon_threads = False
     thread = threading.Thread(target=server.serve_forever, name="scrape-relay", daemon=True)
     thread.start()
     try:

@@ -475,19 +475,26 @@ def test_every_dashboard_query_returns_data_in_a_real_prometheus(vm, exporter, u
     from tests.rules import queries
 
     with scrape_relay(vm, URL, free_port()) as target, \
-            prom.running([target], tmp_path, free_port(), scrape_interval="3s") as (prometheus, proc):
-        # Each scrape starts a python3 in the emulated guest: 3 s between them leaves room.
-        prometheus.wait_for_scrapes(5, timeout=120, proc=proc)
-        # An OOM kill Prometheus sees happen, for the dashboards' OOM annotation (an increase).
-        oom = workloads.oom_victim(vm, delay=8)  # scraped at oom_kill 0 before the kill
+            prom.running([target], tmp_path, free_port(), scrape_interval="5s", scrape_timeout="5s") as (prometheus, proc):
+        # Each scrape starts a python3 in the emulated guest, hence 5 s between them.
+        prometheus.wait_for_scrapes(4, timeout=120, proc=proc)
+        # An OOM kill that Prometheus sees happen, for the dashboards' OOM annotation (an
+        # increase): the victim allocates only once its oom_kill 0 was scraped.
+        trigger = "/run/smx-oom-now"
+        oom = workloads.oom_victim(vm, trigger=trigger)
         try:
-            seen = f'increase(systemd_unit_memory_events_total{{unit="{oom}", event="oom_kill"}}[1m]) > 0'
-            wait_until(lambda: prometheus.query(seen), 60, what=f"{oom}'s OOM kill in Prometheus")
+            counted = f'systemd_unit_memory_events_total{{unit="{oom}", event="oom_kill"}}'
+            wait_until(lambda: prometheus.query(f"{counted} == 0"), 60, what=f"{oom} in Prometheus before its kill")
+            vm.run(["touch", trigger], check=True)
+            workloads.wait_for_oom_kill(vm, oom)
+            wait_until(lambda: prometheus.query(f"increase({counted}[1m]) > 0"), 60,
+                       what=f"{oom}'s OOM kill in Prometheus")
             values = {"instance": target, "job": prom.JOB}
             empty = [f"{q.dashboard} / {q.panel} / {q.ref_id}: {q.expr}"
                      for q in queries.dashboard_queries(values) if not prometheus.query(q.expr)]
         finally:
             workloads.stop_units(vm, [oom])
+            vm.run(["rm", "-f", trigger])
         assert not empty, "queries without data:\n" + "\n".join(empty)
         high = prometheus.query(f'systemd_unit_memory_limit_bytes{{unit="{units["limited"]}", limit="high"}}')
         assert [float(series["value"][1]) for series in high] == [workloads.LIMITS["MemoryHigh"]]

@@ -114,21 +114,27 @@ def swapping(vm, mib=150, memory_max="64M", unit=None):
                     properties=[f"MemoryMax={memory_max}", "MemorySwapMax=infinity"])
 
 
-def oom_victim(vm, mib=100, memory_max="32M", unit=None, timeout=60, delay=0):
+def oom_victim(vm, mib=100, memory_max="32M", unit=None, timeout=60, trigger=None):
     """A shell whose child allocates `mib` MiB under MemoryMax=memory_max without swap and
     is OOM-killed; the shell lives on (OOMPolicy=continue keeps the unit and its cgroup).
-    With `delay`, the child starts that many seconds late, so a scraper sees oom_kill 0
-    first (an increase() needs it). Returns once memory.events counts the kill."""
+    Returns once memory.events counts the kill. With `trigger` (a path in the guest), the
+    child waits for that file and this returns at once: see wait_for_oom_kill."""
     unit = unit or _name("oom")
-    script = f"sleep {delay}; python3 -c {shlex.quote(HOLD)} {mib}; exec sleep 3600"
+    wait = f"while [ ! -e {shlex.quote(trigger)} ]; do sleep 0.2; done; " if trigger else ""
+    script = f"{wait}python3 -c {shlex.quote(HOLD)} {mib}; exec sleep 3600"
     start_unit(vm, unit, ["sh", "-c", script],
                properties=[f"MemoryMax={memory_max}", "MemorySwapMax=0", "OOMPolicy=continue"])
+    if not trigger:
+        wait_for_oom_kill(vm, unit, timeout)
+    return unit
+
+
+def wait_for_oom_kill(vm, unit, timeout=60):
     events = f"{vm.cgroup_dir(unit)}/memory.events"
 
     def killed():
         return dict(line.split() for line in vm.read_text(events).splitlines())["oom_kill"] != "0"
     wait_until(killed, timeout, what=f"an oom_kill in {unit}")
-    return unit
 
 
 # Every limit systemd sets on v2 (memory.max/high/low/min/swap.max), in bytes.
