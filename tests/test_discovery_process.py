@@ -9,12 +9,21 @@ import time
 from pathlib import Path
 
 from exporter.discovery_process import DiscoveryProcess
+from exporter.sampler import SamplerConfig
+from exporter.service import SampleLoop
 
 
 def client_with_child(code: str) -> DiscoveryProcess:
     client = DiscoveryProcess(".+", "", ["service"], "/nonexistent/private", timeout=0.2)
     client._argv = [sys.executable, "-c", code]  # a stand-in child speaking the same pipes
     return client
+
+
+def sample_loop(client: DiscoveryProcess, dbus_timeout: float) -> SampleLoop:
+    """The exporter's sample loop on the hybrid fixture tree, every 50 ms, with `client`."""
+    fixtures = Path(__file__).parent / "fixtures" / "hybrid"
+    config = SamplerConfig(str(fixtures / "proc"), str(fixtures / "sys/fs/cgroup"), 0.05)
+    return SampleLoop(config, client, dbus_timeout)
 
 
 def test_a_child_that_dies_mid_answer_is_an_unavailable_source_not_a_crash():
@@ -53,12 +62,8 @@ def test_stopping_as_a_cycle_begins_closes_the_child_without_a_failed_cycle(capl
     """Shutdown used to close the child's pipe from the main thread just as the sampler thread
     began a cycle: "ValueError: write to closed file" and a traceback (seen in CI). The stop
     now lands exactly there: between the cycle's start and its request to the child."""
-    from exporter.sampler import SamplerConfig
-    from exporter.service import SampleLoop
-
-    fixtures = Path(__file__).parent / "fixtures" / "hybrid"
     client = client_with_child(ANSWERING_CHILD)
-    loop = SampleLoop(SamplerConfig(str(fixtures / "proc"), str(fixtures / "sys/fs/cgroup"), 0.05), client, 0.2)
+    loop = sample_loop(client, dbus_timeout=0.2)
     cycle_began = threading.Event()
 
     def discover_a_little_late():
@@ -82,12 +87,8 @@ def test_stopping_as_a_cycle_begins_closes_the_child_without_a_failed_cycle(capl
 def test_stopping_while_d_bus_hangs_is_prompt_and_ends_the_child():
     """A cycle waits up to dbus_timeout + 1 s for the child; shutdown must not (systemd's
     TimeoutStopSec is 15 s, and --dbus.timeout may be larger)."""
-    from exporter.sampler import SamplerConfig
-    from exporter.service import SampleLoop
-
-    fixtures = Path(__file__).parent / "fixtures" / "hybrid"
     client = client_with_child("import sys, time; sys.stdin.readline(); time.sleep(120)")
-    loop = SampleLoop(SamplerConfig(str(fixtures / "proc"), str(fixtures / "sys/fs/cgroup"), 0.05), client, 60)
+    loop = sample_loop(client, dbus_timeout=60)
     loop.start()
     try:
         deadline = time.monotonic() + 10
