@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from .records import record
 from enum import Enum
 
 
@@ -73,7 +73,7 @@ def parse_flat_keyed(text: str, skipped: list[str] | None = None) -> dict[str, i
     return values
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Pressure:
     """One PSI line's cumulative stall time; the avg* fields are derivable from it in PromQL."""
 
@@ -119,7 +119,7 @@ class MemoryVersion(Enum):
     V2 = "v2"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Layout:
     """Where the memory controller lives and where to find each unit's processes.
 

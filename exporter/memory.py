@@ -7,7 +7,7 @@ optional: a kernel that lacks a file or key leaves it absent, never 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from .records import record
 from types import MappingProxyType
 
 from .cgroupfs import MemoryVersion, ParseError, Pressure, parse_flat_keyed, parse_limit, parse_pressure, parse_single_value, parse_v1_limit
@@ -84,7 +84,7 @@ V2_EVENTS = ("low", "high", "max", "oom", "oom_kill", "oom_group_kill")
 LIMITS = ("max", "high", "low", "min", "swap_max")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CgroupMemory:
     version: MemoryVersion
     usage: int | None

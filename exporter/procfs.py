@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from .records import record
 
 from .cgroupfs import ParseError, parse_uint, read_bytes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ProcessMemory:
     """Bytes. VmSwap counts private anonymous swap only (shmem swap is not in it)."""
 

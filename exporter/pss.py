@@ -28,13 +28,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .cgroupfs import VANISHED_ERRNOS, ParseError, parse_procs_bytes, parse_uint, read_bytes
+from .records import record
 from .systemd import Unit
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _FIELDS = ("Pss:", "Private_Clean:", "Private_Dirty:")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rollup:
     """Bytes, for one process."""
 

@@ -7,7 +7,7 @@ below's sample/model split: the derivations live in ``Breakdown``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from .records import record
 
 from .cgroupfs import Layout
 from .memory import CgroupMemory
@@ -16,7 +16,7 @@ from .systemd import Unit
 SOURCES = ("dbus", "cgroup", "procfs")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ProcessTotals:
     """Sums over every process in a cgroup subtree (bytes), from /proc/PID/status."""
 
@@ -32,7 +32,7 @@ class ProcessTotals:
         return self.rss_anon + self.rss_file + self.rss_shmem
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UnitSample:
     unit: Unit
     processes: ProcessTotals
@@ -41,14 +41,14 @@ class UnitSample:
     uss: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SourceHealth:
     up: bool
     last_success: float | None  # unix time
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Snapshot:
     taken_at: float  # unix time the cycle started
     interval: float
@@ -70,7 +70,7 @@ class Snapshot:
         return next((u for u in self.units if u.unit.name == name), None)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Breakdown:
     """Why systemctl's figure differs from top's, for one unit. Bytes; None where unknown.
 

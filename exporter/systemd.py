@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .records import record
+
 log = logging.getLogger(__name__)
 
 # Unit types that own a control group (systemd.unit(5)); targets, timers, paths, devices
@@ -30,7 +32,7 @@ MANAGER_PATH = b"/org/freedesktop/systemd1"
 MANAGER_INTERFACE = b"org.freedesktop.systemd1.Manager"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Unit:
     name: str  # exactly as systemd spells it, escapes such as \x2d included
     type: str
@@ -39,7 +41,7 @@ class Unit:
     control_group: str  # e.g. /system.slice/foo.service; "" when it has none
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UnitFilter:
     """--unit.include / --unit.exclude (anchored, like node_exporter's) and --unit.types."""
 
@@ -64,7 +66,7 @@ class UnitFilter:
         return not (self.exclude and self.exclude.fullmatch(name))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ListedUnit:
     """The fields of one ListUnits entry that discovery uses."""
 
