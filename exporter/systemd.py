@@ -39,6 +39,10 @@ class Unit:
     active_state: str
     sub_state: str
     control_group: str  # e.g. /system.slice/foo.service; "" when it has none
+    # The UID of the user manager (user@UID.service) the unit belongs to; None for the system
+    # manager's units. Exported as the `uid` label, so a user's dbus.service never collides
+    # with the system's.
+    uid: int | None = None
 
 
 @record
