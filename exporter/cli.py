@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import urllib.parse
 
 from . import __version__
 from .systemd import CGROUP_UNIT_TYPES, UnitFilter
@@ -71,6 +72,15 @@ def _types(text: str) -> list[str]:
     return types
 
 
+def _grafana_url(text: str) -> str:
+    if not text:  # the default: no links
+        return ""
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
+        raise argparse.ArgumentTypeError(f"want an http(s) URL of Grafana, e.g. https://grafana.example:3000: {text!r}")
+    return text.rstrip("/")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path.procfs", dest="procfs", default="/proc", metavar="DIR", help="procfs mount point (default %(default)s)")
     parser.add_argument(
@@ -125,6 +135,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--sample.interval", dest="interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
         help="seconds between samples; 0 samples on each scrape (default %(default)s)",
     )
+    serve.add_argument(
+        "--web.grafana-url", dest="grafana_url", type=_grafana_url, default="", metavar="URL",
+        help="Grafana that has the shipped dashboards: unit pages link to them (default: no links)",
+    )
     # --collector.pss (exporter/pss.py): opt-in, because smaps_rollup holds each process's mmap_lock.
     serve.add_argument(
         "--collector.pss", dest="pss", action="store_true",
@@ -147,6 +161,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     explain.add_argument("units", nargs="*", metavar="UNIT", help="units to explain (default: the top ones by cgroup usage)")
     explain.add_argument("--top", type=int, default=10, metavar="N", help="how many units without UNIT arguments (default %(default)s)")
+    explain.add_argument(
+        "--format", choices=("text", "json"), default="text",
+        help="text for people, json for scripts: one object with every figure in bytes (default %(default)s)",
+    )
     _add_common(explain)
     return serve, explain
 
@@ -193,7 +211,7 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(f"systemd-memory-exporter: {snapshot.sources['dbus'].message}", file=sys.stderr)
         return 1
     missing = [n for n in args.units if snapshot.unit(n) is None]
-    sys.stdout.write(explain(snapshot, args.units, args.top))
+    sys.stdout.write(explain(snapshot, args.units, args.top, args.format))
     if missing:
         print(f"systemd-memory-exporter: no loaded unit with a control group named: {', '.join(missing)}", file=sys.stderr)
         return 1
@@ -244,7 +262,7 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     config = SamplerConfig(args.procfs, args.cgroupfs, args.interval, args.pss, args.pss_budget, args.pss_max_rss)
     loop = SampleLoop(config, discovery, args.dbus_timeout)
     try:
-        server = serve(loop, args.listen, args.telemetry_path, web_config)
+        server = serve(loop, args.listen, args.telemetry_path, web_config, args.grafana_url)
     except OSError as e:
         print(f"systemd-memory-exporter: cannot listen on {args.listen}: {e.strerror or e}", file=sys.stderr)
         return 1

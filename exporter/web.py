@@ -5,7 +5,6 @@ metrics. A thin shell: everything it shows comes from the snapshot.
 from __future__ import annotations
 
 import gzip
-import html
 import logging
 import socket
 import sys
@@ -16,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 
 from . import __version__
-from .explain import human_bytes
+from .page import Pages
+from .page import CONTENT_TYPE as PAGE_CONTENT_TYPE
 from .service import Published, SampleLoop
-from .snapshot import Breakdown
 from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
@@ -45,11 +44,13 @@ class ExporterServer(ThreadingHTTPServer):
     request_queue_size = 512
 
     def __init__(
-        self, address: tuple[str, int], loop: SampleLoop, telemetry_path: str, family: int, web_config: WebConfig | None = None
+        self, address: tuple[str, int], loop: SampleLoop, telemetry_path: str, family: int, web_config: WebConfig | None = None,
+        grafana_url: str = "",
     ):
         self.address_family = family
         self.loop = loop
         self.telemetry_path = telemetry_path
+        self.pages = Pages(telemetry_path, grafana_url)
         self.self_registry = _self_registry()
         self.slots = threading.BoundedSemaphore(self.max_connections)
         self.web_config = web_config
@@ -111,8 +112,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         if path == self.server.telemetry_path:
             self._metrics()
-        elif path == "/":
-            self._landing()
+        elif self.server.pages.handles(path):
+            self._page(path)
         else:
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
@@ -139,9 +140,10 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("scrape served in %.1f ms", (time.perf_counter() - started) * 1000)
         self._send(200, body, CONTENT_TYPE, gzip_ok)
 
-    def _landing(self) -> None:
-        published = self.server.loop.latest()
-        self._send(200, landing_page(published, self.server.telemetry_path).encode(), "text/html; charset=utf-8")
+    def _page(self, path: str) -> None:
+        gzip_ok = "gzip" in self.headers.get("Accept-Encoding", "")
+        status, body, gzipped = self.server.pages.respond(path, self.server.loop.latest(), gzip_ok)
+        self._send(status, body, PAGE_CONTENT_TYPE, gzipped)
 
     def _send(self, status: int, body: bytes, content_type: str, gzipped: bool = False) -> None:
         self.send_response(status)
@@ -172,55 +174,12 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
-def landing_page(published: Published | None, telemetry_path: str) -> str:
-    rows = []
-    status = "no sample yet"
-    if published is not None:
-        snapshot = published.snapshot
-        status = (
-            f"{len(snapshot.units)} units, sampled {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snapshot.taken_at))} "
-            f"in {snapshot.phase_seconds.get('total', 0) * 1000:.0f} ms; "
-            + ", ".join(f"{name} {'up' if h.up else 'DOWN'}" for name, h in snapshot.sources.items())
-        )
-        ranked = sorted(snapshot.units, key=lambda s: (s.memory.usage or 0) if s.memory else 0, reverse=True)
-        for sample in ranked:
-            b = Breakdown.of(sample)
-            cells = [sample.unit.name, sample.unit.type, str(sample.processes.processes)] + [
-                human_bytes(v) for v in (b.systemctl, b.top, b.anon, b.unmapped_cache, b.shmem, b.kernel, b.swap)
-            ]
-            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    headers = "".join(
-        f"<th>{h}</th>"
-        for h in (
-            "unit",
-            "type",
-            "processes",
-            "systemctl (cgroup)",
-            "top (RSS)",
-            "anon",
-            "unmapped cache",
-            "shmem/tmpfs",
-            "kernel",
-            "swap",
-        )
-    )
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>systemd-memory-exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
-<body><h1>systemd-memory-exporter {html.escape(__version__)}</h1>
-<p><a href="{html.escape(telemetry_path)}">Metrics</a></p>
-<p>{html.escape(status)}</p>
-<table><tr>{headers}</tr>
-{''.join(rows)}
-</table></body></html>
-"""
-
-
-def serve(loop: SampleLoop, listen: str, telemetry_path: str, web_config: WebConfig | None = None) -> ExporterServer:
+def serve(
+    loop: SampleLoop, listen: str, telemetry_path: str, web_config: WebConfig | None = None, grafana_url: str = ""
+) -> ExporterServer:
     host, port = parse_listen_address(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return ExporterServer((host, port), loop, telemetry_path, family, web_config)
+    return ExporterServer((host, port), loop, telemetry_path, family, web_config, grafana_url)
 
 
 def parse_listen_address(listen: str) -> tuple[str, int]:
