@@ -88,7 +88,7 @@ def unit_href(name: str) -> str:
 
 def _user_label(uid: int | None) -> str:
     if uid is None:
-        return "system"
+        return "system manager"
     try:
         return f"{pwd.getpwuid(uid).pw_name} ({uid})"
     except KeyError:
@@ -235,7 +235,7 @@ def landing_page(published, telemetry_path: str, grafana_url: str = "") -> str:
     slice_names = sorted({r.slice for r in units})
     slice_ids = {name: i for i, name in enumerate(slice_names)}
     users = sorted({r.uid for r in units}, key=lambda u: (u is not None, u or 0))
-    user_key = {u: "system" if u is None else str(u) for u in users}
+    user_key = {u: "system" if u is None else str(u) for u in users}  # CSS ids and classes
 
     # The radios come first so `:checked ~ ...` reaches the controls and the rows after them.
     radios = [_radio("sort", key, i == 0) for i, (key, _) in enumerate(SORTS)]
@@ -271,7 +271,7 @@ def landing_page(published, telemetry_path: str, grafana_url: str = "") -> str:
         f"<div><b>Sort by</b>{labels('sort', list(SORTS))}</div>"
         f"<div><b>Type</b>{labels('type', [('all', 'all')] + [(t, t) for t in types])}</div>"
         f"<div><b>Slice</b>{labels('slice', [('all', 'all')] + [(str(slice_ids[s]), s) for s in slice_names])}</div>"
-        f"<div><b>User</b>{labels('user', [('all', 'all')] + [(user_key[u], _user_label(u)) for u in users])}</div>"
+        f"<div><b>User</b>{labels('user', [('all', 'all')] + [(user_key[u], _user_label(u) if u is not None else 'system') for u in users])}</div>"
         "</nav>"
     )
 
@@ -367,16 +367,17 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
     if r.peak is not None:
         extra.append(("peak usage", human_bytes(r.peak), "", ""))
     limit_names = {"max": "MemoryMax", "high": "MemoryHigh", "low": "MemoryLow", "min": "MemoryMin", "swap_max": "MemorySwapMax"}
-    limits = [
-        (limit_names.get(k, k), human_bytes(v), percent(r.working_set, v) + (" of it in the working set" if r.working_set is not None else ""), "")
-        for k, v in r.limits.items()
-    ]
-    events = [(e(k), str(v), "", "") for k, v in r.events.items()]
+    limits = []
+    for key, value in r.limits.items():
+        # The working set is what a memory limit or protection is measured against; swap_max is not.
+        use = "" if key == "swap_max" or r.working_set is None else f"working set is {percent(r.working_set, value)} of it"
+        limits.append((limit_names.get(key, key), human_bytes(value), use))
+    events = [(e(k), str(v)) for k, v in r.events.items()]
     pressure = []
     if r.pressure_some_seconds is not None:
-        pressure.append(("some (at least one task stalled)", f"{r.pressure_some_seconds:.3f} s", "", ""))
+        pressure.append(("some (at least one task stalled)", f"{r.pressure_some_seconds:.3f} s"))
     if r.pressure_full_seconds is not None:
-        pressure.append(("full (all tasks stalled)", f"{r.pressure_full_seconds:.3f} s", "", ""))
+        pressure.append(("full (all tasks stalled)", f"{r.pressure_full_seconds:.3f} s"))
     sections = [
         f'<p><a href="/">← all units</a></p><h1>{e(r.unit)}</h1><p class="status">{e(state)}<br>cgroup {e(r.control_group)}</p>',
         _legend(),
@@ -388,16 +389,16 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
     if extra:
         sections.append("<h2>Beside it</h2>" + _table(extra))
     sections.append(
-        "<h2>Limits</h2>" + (_table(limits, ("limit", "bytes", "", "")) if limits else "<p>No memory limit is set.</p>")
+        "<h2>Limits</h2>" + (_table(limits, ("limit", "bytes", "")) if limits else "<p>No memory limit is set.</p>")
     )
     sections.append(
         "<h2>Events</h2>"
-        + (_table(events, ("event (since the cgroup was made)", "count", "", "")) if events else "<p>The kernel reports no memory events for this cgroup.</p>")
+        + (_table(events, ("event (since the cgroup was made)", "count")) if events else "<p>The kernel reports no memory events for this cgroup.</p>")
     )
     sections.append(
         "<h2>Pressure</h2>"
         + (
-            _table(pressure, ("memory stall time, total", "seconds", "", ""))
+            _table(pressure, ("memory stall time, total", "seconds"))
             if pressure
             else "<p>No pressure figures: PSI (memory.pressure) exists on cgroup v2 only.</p>"
         )
