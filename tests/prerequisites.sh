@@ -5,6 +5,7 @@
 #   dbus, systemd: the real systemd test host (tests/testhost)
 #   openssl: certificates for the TLS tests
 #   qemu-system-x86, linux-image-amd64, debootstrap, e2fsprogs: the cgroup v2 guest (tests/vm)
+#   chromium: the landing page in a real browser (tests/test_page_browser.py), apt line below
 #   strace, prometheus-node-exporter, prometheus-process-exporter: the benchmark's file list
 #     and its peers (tests/bench; CI runs its smoke size)
 set -euo pipefail
@@ -24,4 +25,6 @@ apt-get install -y -q --no-install-recommends \
   dbus systemd util-linux procps curl openssl \
   qemu-system-x86 linux-image-amd64 debootstrap e2fsprogs \
   strace prometheus-node-exporter prometheus-process-exporter
+# chromium: headless, it loads the exporter's landing page in tests/test_page_browser.py
+apt-get install -y -q --no-install-recommends chromium
 python3 -m pip install -q -e "$(dirname "$0")/..[test]"
