@@ -37,6 +37,15 @@ TOP_COLOUR = "#d62728"
 BAR_UNITS = 1000.0
 SORTS = (("systemctl", "systemctl"), ("top", "top"), ("gap", "gap"))
 UNIT_PREFIX = "/unit/"
+# memory.events (cgroup-v2.rst); on v1, "max" is memory.failcnt and oom_kill memory.oom_control's.
+EVENT_MEANINGS = {
+    "low": "reclaimed below MemoryLow",
+    "high": "throttled above MemoryHigh",
+    "max": "usage hit MemoryMax",
+    "oom": "allocation failed at MemoryMax",
+    "oom_kill": "processes killed by the OOM killer",
+    "oom_group_kill": "whole-unit OOM kills",
+}
 
 CSS = """
 :root{--ink:#1d2330;--muted:#5b6475;--line:#e3e6ec;--bg:#fff;--soft:#f5f6f9;--accent:#2f5fb3}
@@ -372,7 +381,7 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
         # The working set is what a memory limit or protection is measured against; swap_max is not.
         use = "" if key == "swap_max" or r.working_set is None else f"working set is {percent(r.working_set, value)} of it"
         limits.append((limit_names.get(key, key), human_bytes(value), use))
-    events = [(e(k), str(v)) for k, v in r.events.items()]
+    events = [(e(k), str(v), EVENT_MEANINGS.get(k, "")) for k, v in r.events.items()]
     pressure = []
     if r.pressure_some_seconds is not None:
         pressure.append(("some (at least one task stalled)", f"{r.pressure_some_seconds:.3f} s"))
@@ -393,7 +402,7 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
     )
     sections.append(
         "<h2>Events</h2>"
-        + (_table(events, ("event (since the cgroup was made)", "count")) if events else "<p>The kernel reports no memory events for this cgroup.</p>")
+        + (_table(events, ("event (since the cgroup was made)", "count", "")) if events else "<p>The kernel reports no memory events for this cgroup.</p>")
     )
     sections.append(
         "<h2>Pressure</h2>"

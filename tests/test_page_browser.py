@@ -230,7 +230,7 @@ def units(testhost, exporter):
         "multi": workloads.multi_process(testhost, children=4, mib=20),
         "nested": workloads.nested_slice(testhost),
         "escaped": workloads.escaped_name(testhost),
-        "limited": workloads.payload(testhost, f"th-limited-{os.getpid()}.service", "anon", 60,
+        "limited": workloads.payload(testhost, "th-limited.service", "anon", 60,
                                      properties=["MemoryMax=200M"]),
     }
     exporter.next_sample()
