@@ -393,3 +393,21 @@ def test_unit_page_shows_the_limit_and_the_reconciliation(page, browser, units, 
     missing = f"http://127.0.0.1:{page['root'].split(':')[2].rstrip('/')}/unit/no-such.service"
     browser.open(missing)
     assert browser.evaluate("document.querySelector('h1').textContent") == "Not found"
+
+
+def test_explain_json_in_the_host_reconciles_the_same_workloads(testhost, units):
+    """`explain --format json` for scripts, on the same real units (its own sample)."""
+    names = [units["cache"], units["shm"], units["escaped"], units["limited"]]
+    out = testhost.run(["python3", "-m", "exporter", "explain", "--format=json", *names]).stdout
+    data = json.loads(out)
+    assert data["layout"] == "hybrid" and data["memory_controller"] == "v1"
+    by_unit = {u["unit"]: u for u in data["units"]}
+    assert set(by_unit) == set(names)
+    for unit in by_unit.values():
+        assert sum(p["bytes"] or 0 for p in unit["parts"]) == unit["systemctl"]  # the parts are the whole figure
+        assert unit["top"] == unit["rss_anon"] + unit["rss_file"] + unit["rss_shmem"]
+    parts = {name: {p["key"]: p["bytes"] for p in unit["parts"]} for name, unit in by_unit.items()}
+    assert parts[units["cache"]]["unmapped_cache"] >= 180 * MiB
+    assert parts[units["shm"]]["shmem"] >= 95 * MiB
+    assert by_unit[units["limited"]]["limits"] == {"max": 200 * MiB}
+    assert "reclaimable page cache" in by_unit[units["cache"]]["verdict"]
