@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 from . import __version__
 from .explain import PARTS, Reconciliation, human_bytes, layout_summary, percent, reconcile
@@ -89,10 +89,11 @@ td.num{padding-left:12px}
 """
 
 
-def unit_href(name: str) -> str:
+def unit_href(name: str, uid: int | None = None) -> str:
     """A unit's page. Everything is percent-encoded: a browser turns "\\" into "/" in http
-    URLs (WHATWG URL standard), so th\\x2dfoo.service must travel as th%5Cx2dfoo.service."""
-    return UNIT_PREFIX + quote(name, safe="")
+    URLs (WHATWG URL standard), so th\\x2dfoo.service must travel as th%5Cx2dfoo.service.
+    A user manager's unit carries its UID: its name may also be a system unit's (dbus.service)."""
+    return UNIT_PREFIX + quote(name, safe="") + ("" if uid is None else f"?uid={uid}")
 
 
 def _user_label(uid: int | None) -> str:
@@ -181,8 +182,9 @@ def _row(r: Reconciliation, scale: int, classes: str, style: str) -> str:
     caption = _part_caption(r)
     return (
         f'<div class="row unit {classes}" style="{style}" data-unit="{html.escape(r.unit)}" '
+        f'data-uid="{"" if r.uid is None else r.uid}" '
         f'data-systemctl="{"" if r.systemctl is None else r.systemctl}" data-top="{r.top}">'
-        f'<div><a class="name" href="{unit_href(r.unit)}">{_breakable(r.unit)}</a>'
+        f'<div><a class="name" href="{unit_href(r.unit, r.uid)}">{_breakable(r.unit)}</a>'
         f'<span class="meta">{html.escape(meta)}</span></div>'
         f'<div>{bar_svg(r, scale)}{f"<span class=parts>{html.escape(caption)}</span>" if caption else ""}</div>'
         f'<span class="num">{human_bytes(r.systemctl)}</span><span class="num">{human_bytes(r.top)}</span>'
@@ -453,17 +455,24 @@ class Pages:
                 self.renders += 1
             return self._landing_gzip
 
-    def respond(self, path: str, published, gzip_ok: bool = False) -> tuple[int, bytes, bool]:
-        """(status, body, gzipped) for a path ``handles`` accepted."""
+    def respond(self, target: str, published, gzip_ok: bool = False) -> tuple[int, bytes, bool]:
+        """(status, body, gzipped) for a request target (path and query) whose path ``handles``
+        accepted."""
+        path, _, query = target.partition("?")
         if path == "/":
             packed = self.landing_gzip(published)
             return (200, packed, True) if gzip_ok else (200, gzip.decompress(packed), False)
         name = unquote(path[len(UNIT_PREFIX):])
+        uid_text = parse_qs(query).get("uid", [""])[-1]
+        if uid_text and not uid_text.isdigit():
+            return 400, _not_found(f"uid must be a number, not {uid_text!r}.").encode(), False
+        uid = int(uid_text) if uid_text else None
         if published is None:
             return 503, _not_found("No sample yet: try again in a moment.").encode(), False
-        sample = published.snapshot.unit(name)
+        sample = next((s for s in published.snapshot.units if s.unit.name == name and s.unit.uid == uid), None)
         if sample is None:
-            return 404, _not_found(f"No unit named {name!r} in the latest sample.").encode(), False
+            whose = "" if uid is None else f" of user {uid}"
+            return 404, _not_found(f"No unit{whose} named {name!r} in the latest sample.").encode(), False
         return 200, unit_page(reconcile(sample), self.grafana_url).encode(), False
 
 

@@ -114,7 +114,7 @@ class Handler(BaseHTTPRequestHandler):
         if path == self.server.telemetry_path:
             self._metrics()
         elif self.server.pages.handles(path):
-            self._page(path)
+            self._page(self.path)  # with its query: ?uid= picks a user manager's unit
         else:
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
@@ -135,9 +135,9 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("scrape served in %.1f ms", (time.perf_counter() - started) * 1000)
         self._send(200, body, CONTENT_TYPE, gzip_ok)
 
-    def _page(self, path: str) -> None:
+    def _page(self, target: str) -> None:
         gzip_ok = gzip_accepted(self.headers.get("Accept-Encoding", ""))
-        status, body, gzipped = self.server.pages.respond(path, self.server.loop.latest(), gzip_ok)
+        status, body, gzipped = self.server.pages.respond(target, self.server.loop.latest(), gzip_ok)
         self._send(status, body, PAGE_CONTENT_TYPE, gzipped)
 
     def _send(self, status: int, body: bytes, content_type: str, gzipped: bool = False) -> None:

@@ -315,3 +315,26 @@ def test_bad_page_flags_exit_2(args, message):
 
 def test_fixture_units_file_is_what_the_pages_list():
     assert {u.name for u in load_units(FIXTURES / "v2")} >= {"smx-limited-9.service", "smx\\x2descaped\\x2ddemo\\x2d6.service"}
+
+
+def test_a_user_unit_named_like_a_system_unit_has_its_own_row_and_page():
+    """dbus.service runs in the system manager and in user@1000's: two rows, two pages."""
+    snapshot = sample_tree(FIXTURES / "v2")
+    system = snapshot.unit("dbus.service")
+    user = dataclasses.replace(
+        system,
+        unit=dataclasses.replace(system.unit, uid=1000, control_group="/user.slice/user-1000.slice/user@1000.service/session.slice/dbus.service"),
+        processes=dataclasses.replace(system.processes, processes=system.processes.processes + 1),
+    )
+    snapshot = dataclasses.replace(snapshot, units=snapshot.units + (user,))
+    dom = Dom(landing_page(published(snapshot), "/metrics"))
+    hrefs = sorted(dom.within(r, "a")[0]["attrs"]["href"] for r in rows(dom) if r["attrs"]["data-unit"] == "dbus.service")
+    assert hrefs == ["/unit/dbus.service", "/unit/dbus.service?uid=1000"]
+    pages = Pages()
+    _, system_page, _ = pages.respond("/unit/dbus.service", published(snapshot))
+    _, user_page, _ = pages.respond("/unit/dbus.service?uid=1000", published(snapshot))
+    assert "slice system.slice" in system_page.decode() and "system manager" in system_page.decode()
+    text = user_page.decode()
+    assert "slice session.slice" in text and ("uid 1000" in text or "(1000)" in text)  # name if /etc/passwd has one
+    assert pages.respond("/unit/dbus.service?uid=1001", published(snapshot))[0] == 404
+    assert pages.respond("/unit/dbus.service?uid=x", published(snapshot))[0] == 400
