@@ -147,9 +147,10 @@ def explain_unit(sample: UnitSample) -> str:
 
 
 def explain_text(r: Reconciliation) -> str:
+    name = r.unit if r.uid is None else f"{r.unit} (uid {r.uid})"  # as Unit.key spells it (users branch)
+    state = f"{r.active_state}/{r.sub_state}" if r.sub_state else r.active_state
     lines = [
-        f"{r.unit}  ({r.active_state}/{r.sub_state}, {r.processes} "
-        f"process{'es' if r.processes != 1 else ''}, cgroup {r.control_group})"
+        f"{name}  ({state}, {r.processes} process{'es' if r.processes != 1 else ''}, cgroup {r.control_group})"
     ]
 
     def row(label: str, value: str, note: str) -> str:
@@ -163,6 +164,10 @@ def explain_text(r: Reconciliation) -> str:
             f"= anon {human_bytes(r.rss_anon)} + file {human_bytes(r.rss_file)} + shmem {human_bytes(r.rss_shmem)}",
         )
     )
+    if not r.has_memory_cgroup and r.uid is not None:
+        lines.append("  No memory cgroup: on cgroup v1 systemd gives user managers no memory controller,")
+        lines.append("  so systemctl --user shows MemoryCurrent [not set] and only top's view exists.")
+        return "\n".join(lines)
     if not r.has_memory_cgroup:
         lines.append("  No memory cgroup: memory accounting is off for this unit (MemoryAccounting=no on cgroup v1),")
         lines.append("  so systemd reports no figure and only top's view exists.")

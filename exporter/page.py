@@ -336,7 +336,8 @@ def grafana_links(grafana_url: str, unit: str) -> list[tuple[str, str]]:
 
 def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
     e = html.escape
-    state = f"{r.type} · {r.active_state}/{r.sub_state} · {r.processes} process{'es' if r.processes != 1 else ''}"
+    active = f"{r.active_state}/{r.sub_state}" if r.sub_state else r.active_state
+    state = f"{r.type} · {active} · {r.processes} process{'es' if r.processes != 1 else ''}"
     state += f" · slice {r.slice} · {_user_label(r.uid)}"
     figures = [
         ("<b>systemctl</b> says (cgroup usage)", human_bytes(r.systemctl), "", "MemoryCurrent, systemd-cgtop"),
@@ -365,6 +366,11 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
             if p.bytes is not None
         ]
         parts_html = "<h2>What systemctl's figure is made of</h2>" + _table(rows, ("part", "bytes", "share", "why"))
+    elif r.uid is not None:
+        parts_html = (
+            "<p>No memory cgroup: on cgroup v1 systemd gives user managers no memory controller, "
+            "so systemctl --user shows MemoryCurrent [not set] and only top's view exists.</p>"
+        )
     else:
         parts_html = (
             "<p>No memory cgroup: memory accounting is off for this unit (MemoryAccounting=no on cgroup v1), "
