@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import html
-import pwd
 import socket
 import threading
 import time
@@ -97,12 +96,9 @@ def unit_href(name: str, uid: int | None = None) -> str:
 
 
 def _user_label(uid: int | None) -> str:
-    if uid is None:
-        return "system manager"
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
-    except KeyError:
-        return f"uid {uid}"
+    # The UID, not a name: with --path.procfs the exporter may run in a container whose
+    # /etc/passwd is not the host's.
+    return "system manager" if uid is None else f"uid {uid}"
 
 
 def _drawn_parts(r: Reconciliation) -> list[tuple[str, int]]:
@@ -224,8 +220,53 @@ def _status_line(published) -> str:
     )
 
 
-def _radio(group: str, key: str, checked: bool) -> str:
-    return f'<input class="ctl" type="radio" name="{group}" id="{group}-{key}"{" checked" if checked else ""}>'
+class Controls:
+    """Sort and filters without JavaScript. One hidden radio button per choice, placed before
+    the controls and the rows, so `#choice:checked ~ main ...` reaches both: a filter hides the
+    rows without the chosen class; a sort sets each row's flex `order` from its --o-<key>
+    rank. The labels are what a person clicks."""
+
+    def __init__(self, units: Sequence[Reconciliation]):
+        self.types = sorted({r.type for r in units})
+        self.slices = {name: str(i) for i, name in enumerate(sorted({r.slice for r in units}))}  # CSS-safe ids
+        users = sorted({r.uid for r in units}, key=lambda u: (u is not None, u or 0))
+        self.users = {u: "system" if u is None else str(u) for u in users}
+        groups = {
+            "sort": [(key, text) for key, text in SORTS],
+            "type": [("all", "all")] + [(t, t) for t in self.types],
+            "slice": [("all", "all")] + [(key, name) for name, key in self.slices.items()],
+            "user": [("all", "all")] + [(key, "system" if u is None else _user_label(u)) for u, key in self.users.items()],
+        }
+        ids = [f"{group}-{key}" for group, options in groups.items() for key, _ in options]
+        self.radios = "".join(
+            f'<input class="ctl" type="radio" name="{group}" id="{group}-{key}"{" checked" if i == 0 else ""}>'
+            for group, options in groups.items()
+            for i, (key, _) in enumerate(options)
+        )
+        hidden = [f"#type-{t}:checked~main #units .unit:not(.t-{t})" for t in self.types]
+        hidden += [f"#slice-{k}:checked~main #units .unit:not(.s-{k})" for k in self.slices.values()]
+        hidden += [f"#user-{k}:checked~main #units .unit:not(.u-{k})" for k in self.users.values()]
+        css = "".join(f"#sort-{key}:checked~main #units .unit{{order:var(--o-{key})}}" for key, _ in SORTS[1:])
+        if hidden:
+            css += ",".join(hidden) + "{display:none}"
+        css += ",".join(f"#{i}:checked~nav label[for={i}]" for i in ids)
+        css += "{background:var(--accent);color:#fff;border-color:var(--accent)}"
+        css += ",".join(f"#{i}:focus-visible~nav label[for={i}]" for i in ids) + "{outline:2px solid var(--accent)}"
+        self.css = css
+        titles = {"sort": "Sort by", "type": "Type", "slice": "Slice", "user": "User"}
+        self.nav = (
+            '<nav class="controls">'
+            + "".join(
+                f"<div><b>{titles[group]}</b>"
+                + "".join(f'<label for="{group}-{key}">{html.escape(text)}</label>' for key, text in options)
+                + "</div>"
+                for group, options in groups.items()
+            )
+            + "</nav>"
+        )
+
+    def classes(self, r: Reconciliation) -> str:
+        return f"t-{r.type} s-{self.slices[r.slice]} u-{self.users[r.uid]}"
 
 
 def landing_page(published, telemetry_path: str, grafana_url: str = "") -> str:
@@ -242,74 +283,31 @@ def landing_page(published, telemetry_path: str, grafana_url: str = "") -> str:
     units = sorted((r for r in all_r if r.type != "slice"), key=lambda r: (r.systemctl is None, -(r.systemctl or 0), -r.top))
     slices = sorted((r for r in all_r if r.type == "slice"), key=lambda r: -(r.systemctl or 0))
 
-    types = sorted({r.type for r in units})
-    slice_names = sorted({r.slice for r in units})
-    slice_ids = {name: i for i, name in enumerate(slice_names)}
-    users = sorted({r.uid for r in units}, key=lambda u: (u is not None, u or 0))
-    user_key = {u: "system" if u is None else str(u) for u in users}  # CSS ids and classes
-
-    # The radios come first so `:checked ~ ...` reaches the controls and the rows after them.
-    radios = [_radio("sort", key, i == 0) for i, (key, _) in enumerate(SORTS)]
-    radios += [_radio("type", "all", True)] + [_radio("type", t, False) for t in types]
-    radios += [_radio("slice", "all", True)] + [_radio("slice", str(i), False) for i in range(len(slice_names))]
-    radios += [_radio("user", "all", True)] + [_radio("user", user_key[u], False) for u in users]
-
-    rules = []
-    for key, _ in SORTS[1:]:
-        rules.append(f"#sort-{key}:checked~main #units .unit{{order:var(--o-{key})}}")
-    for t in types:
-        rules.append(f"#type-{t}:checked~main #units .unit:not(.t-{t})")
-    for i in range(len(slice_names)):
-        rules.append(f"#slice-{i}:checked~main #units .unit:not(.s-{i})")
-    for u in users:
-        rules.append(f"#user-{user_key[u]}:checked~main #units .unit:not(.u-{user_key[u]})")
-    hide = [r for r in rules if not r.endswith("}")]
-    order = [r for r in rules if r.endswith("}")]
-    ids = ["sort-" + k for k, _ in SORTS] + ["type-all"] + [f"type-{t}" for t in types] + ["slice-all"]
-    ids += [f"slice-{i}" for i in range(len(slice_names))] + ["user-all"] + [f"user-{user_key[u]}" for u in users]
-    css = "".join(order)
-    if hide:
-        css += ",".join(hide) + "{display:none}"
-    css += ",".join(f"#{i}:checked~nav label[for={i}]" for i in ids)
-    css += "{background:var(--accent);color:#fff;border-color:var(--accent)}"
-    css += ",".join(f"#{i}:focus-visible~nav label[for={i}]" for i in ids) + "{outline:2px solid var(--accent)}"
-
-    def labels(group: str, options: list[tuple[str, str]]) -> str:
-        return "".join(f'<label for="{group}-{key}">{html.escape(text)}</label>' for key, text in options)
-
-    nav = (
-        '<nav class="controls">'
-        f"<div><b>Sort by</b>{labels('sort', list(SORTS))}</div>"
-        f"<div><b>Type</b>{labels('type', [('all', 'all')] + [(t, t) for t in types])}</div>"
-        f"<div><b>Slice</b>{labels('slice', [('all', 'all')] + [(str(slice_ids[s]), s) for s in slice_names])}</div>"
-        f"<div><b>User</b>{labels('user', [('all', 'all')] + [(user_key[u], _user_label(u) if u is not None else 'system') for u in users])}</div>"
-        "</nav>"
-    )
-
+    controls = Controls(units)
     scale = max((bar_extent(r) for r in units), default=1)
     top_rank = _rank([r.top for r in units])
     gap_rank = _rank([r.gap for r in units])
     rows = [
-        _row(r, scale, f"t-{r.type} s-{slice_ids[r.slice]} u-{user_key[r.uid]}", f"--o-top:{top_rank[i]};--o-gap:{gap_rank[i]}")
+        _row(r, scale, controls.classes(r), f"--o-top:{top_rank[i]};--o-gap:{gap_rank[i]}")
         for i, r in enumerate(units)
     ]
     slice_scale = max((bar_extent(r) for r in slices), default=1)
     slice_rows = [_row(r, slice_scale, "slice", "") for r in slices]
 
     body = (
-        "".join(radios)
+        controls.radios
         + f'<header><h1>systemd memory on {html.escape(host)}</h1><p class="status">{html.escape(_status_line(published))}'
         f" · {links}</p></header>"
         '<p class="lede">Each bar is what <b>systemctl</b> says a unit uses (its cgroup\'s memory), split into what '
         'that figure is made of; the red mark is what <b>top</b> says (the summed RSS of its processes). '
         "Open a unit for the whole reconciliation.</p>"
         + _legend()
-        + nav
+        + controls.nav
         + f'<main><section class="rows" id="units">{_HEAD_ROW}{"".join(rows) or "<p class=empty>no units</p>"}</section>'
         f'<details id="slices"><summary>Slices ({len(slices)}): each counts every unit below it, on its own scale</summary>'
         f'<div class="rows">{_HEAD_ROW}{"".join(slice_rows)}</div></details></main>'
     )
-    return _document(f"systemd memory · {host}", f"<style>{css}</style>" + body)
+    return _document(f"systemd memory · {host}", f"<style>{controls.css}</style>" + body)
 
 
 def _table(rows: list[tuple[str, ...]], head: tuple[str, ...] = ()) -> str:
