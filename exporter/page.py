@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from urllib.parse import parse_qs, quote, unquote
 
 from . import __version__
-from .explain import PARTS, Reconciliation, human_bytes, layout_summary, percent, reconcile
+from .explain import Reconciliation, human_bytes, layout_summary, percent, reconcile
 
 # Part key -> (short legend name, colour). Tableau-10 hues: told apart by most colour-blind
 # readers, and each part keeps its colour on every page.
@@ -481,4 +481,3 @@ class Pages:
 
 
 CONTENT_TYPE = "text/html; charset=utf-8"
-__all__ = ["CONTENT_TYPE", "PARTS", "Pages", "bar_svg", "grafana_links", "landing_page", "unit_href", "unit_page"]
