@@ -36,6 +36,7 @@ TOP_COLOUR = "#d62728"
 BAR_UNITS = 1000.0
 SORTS = (("systemctl", "systemctl"), ("top", "top"), ("gap", "gap"))
 UNIT_PREFIX = "/unit/"
+CONTENT_TYPE = "text/html; charset=utf-8"
 # memory.events (cgroup-v2.rst); on v1, "max" is memory.failcnt and oom_kill memory.oom_control's.
 EVENT_MEANINGS = {
     "low": "reclaimed below MemoryLow",
@@ -478,6 +479,3 @@ class Pages:
             whose = "" if uid is None else f" of user {uid}"
             return 404, _not_found(f"No unit{whose} named {name!r} in the latest sample.").encode(), False
         return 200, unit_page(reconcile(sample), self.grafana_url).encode(), False
-
-
-CONTENT_TYPE = "text/html; charset=utf-8"
