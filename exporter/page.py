@@ -86,6 +86,8 @@ td.num{padding-left:12px}
 .verdict{background:#fff8e1;border-left:4px solid #edc948;padding:10px 14px;margin:16px 0;max-width:62em}
 .unitbar .track{height:28px;max-width:60em}
 .empty{color:var(--muted);padding:12px 0}
+@media (max-width:900px){body{padding:16px}.row{grid-template-columns:1fr repeat(3,5.5rem);gap:4px 10px}
+ .row>:nth-child(2){grid-column:1/-1;grid-row:2}}
 """
 
 
@@ -161,8 +163,9 @@ def _rank(values: Sequence[int | None]) -> list[int]:
 
 
 def _breakable(name: str) -> str:
-    """The escaped name, allowed to wrap before each systemd escape (\\x2d...) and after dots."""
-    return html.escape(name).replace("\\", "<wbr>\\").replace(".", ".<wbr>")
+    """The escaped name, allowed to wrap before each systemd escape (\\x2d...); browsers
+    already wrap after its hyphens."""
+    return html.escape(name).replace("\\", "<wbr>\\")
 
 
 def _gap_cell(gap: int | None) -> str:
