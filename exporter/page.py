@@ -77,7 +77,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 .track{position:relative;height:20px;background:var(--soft);border-radius:3px}
 .track svg{position:absolute;inset:0;width:100%;height:100%;display:block}
 .mark{position:absolute;top:-4px;bottom:-4px;width:3px;margin-left:-1.5px;background:""" + TOP_COLOUR + """;border-radius:1px}
-.nocg{position:absolute;left:8px;top:1px;font-size:12.5px;color:var(--muted)}
+.track.nocg{background:repeating-linear-gradient(135deg,var(--soft) 0 6px,#fff 6px 12px)}
 details{margin-top:28px}summary{cursor:pointer;font-weight:600;font-size:16px}
 table{border-collapse:collapse;margin:4px 0 8px}
 td,th{padding:5px 12px 5px 0;text-align:left;vertical-align:top;border-bottom:1px solid var(--line)}
@@ -136,17 +136,18 @@ def bar_svg(r: Reconciliation, scale: int) -> str:
             f'<svg viewBox="0 0 {BAR_UNITS:g} 1" preserveAspectRatio="none" role="img" '
             f'aria-label="parts of systemctl\'s {human_bytes(r.systemctl)}">{"".join(rects)}</svg>'
         )
-    elif not r.has_memory_cgroup:
-        inner = '<span class="nocg">no memory cgroup: top only</span>'
     mark = (
         f'<i class="mark" data-bytes="{r.top}" style="left:{r.top * 100 / scale:.4f}%" '
         f'title="top: {human_bytes(r.top)} (summed RSS)"></i>'
     )
-    return f'<div class="track" data-scale="{scale}">{inner}{mark}</div>'
+    classes = "track" if r.has_memory_cgroup else "track nocg"  # hatched: nothing to draw but top's mark
+    return f'<div class="{classes}" data-scale="{scale}">{inner}{mark}</div>'
 
 
 def _part_caption(r: Reconciliation) -> str:
     """The biggest parts in words, under the bar: readable without hovering."""
+    if not r.has_memory_cgroup:
+        return "no memory cgroup: only top's view"
     if not r.systemctl:
         return ""
     big = sorted(((v, k) for k, v in _drawn_parts(r) if v >= r.systemctl * 0.05), reverse=True)[:3]
