@@ -338,3 +338,20 @@ def test_a_user_unit_named_like_a_system_unit_has_its_own_row_and_page():
     assert "slice session.slice" in text and ("uid 1000" in text or "(1000)" in text)  # name if /etc/passwd has one
     assert pages.respond("/unit/dbus.service?uid=1001", published(snapshot))[0] == 404
     assert pages.respond("/unit/dbus.service?uid=x", published(snapshot))[0] == 400
+
+
+def test_names_are_escaped_in_markup_and_links():
+    """systemd escapes unit names, but the page must not depend on it: markup stays markup."""
+    snapshot = sample_tree(FIXTURES / "v2")
+    odd = 'a"<b>&\'.service'
+    first = snapshot.units[0]
+    snapshot = dataclasses.replace(
+        snapshot, units=(dataclasses.replace(first, unit=dataclasses.replace(first.unit, name=odd)),) + snapshot.units[1:]
+    )
+    text = landing_page(published(snapshot), "/metrics")
+    assert "<b>&" not in text and 'a"<' not in text
+    dom = Dom(text)
+    row = next(r for r in rows(dom) if r["attrs"]["data-unit"] == odd)
+    assert unquote(dom.within(row, "a")[0]["attrs"]["href"]) == "/unit/" + odd
+    status, body, _ = Pages().respond(unit_href(odd), published(snapshot))
+    assert status == 200 and "<b>&" not in body.decode() and Dom(body.decode()).find("h1")[0]["text"] == odd
