@@ -15,10 +15,14 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, unquote
 
 from . import __version__
 from .explain import Reconciliation, human_bytes, layout_summary, percent, reconcile
+
+if TYPE_CHECKING:  # service.py imports no page code; this is for the annotations only
+    from .service import Published
 
 # Part key -> (short legend name, colour). Tableau-10 hues: told apart by most colour-blind
 # readers, and each part keeps its colour on every page.
@@ -214,7 +218,7 @@ def _document(title: str, body: str) -> str:
     )
 
 
-def _status_line(published) -> str:
+def _status_line(published: Published) -> str:
     snapshot = published.snapshot
     summary = layout_summary(snapshot)
     sources = ", ".join(f"{name} {'up' if h.up else 'DOWN'}" for name, h in snapshot.sources.items())
@@ -274,11 +278,12 @@ class Controls:
         return f"t-{r.type} s-{self.slices[r.slice]} u-{self.users[r.uid]}"
 
 
-def landing_page(published, telemetry_path: str, grafana_url: str = "") -> str:
+def landing_page(published: Published | None, telemetry_path: str, grafana_url: str = "") -> str:
     host = socket.gethostname()
     links = f'<a href="{html.escape(telemetry_path)}">metrics</a>'
     if grafana_url:
         links += f' · <a href="{html.escape(grafana_url)}/d/systemd-memory-overview">Grafana overview</a>'
+    links += f" · systemd-memory-exporter {html.escape(__version__)}"
     if published is None:
         body = (
             f"<header><h1>systemd memory on {html.escape(host)}</h1><p class=status>no sample yet · {links}</p></header>"
@@ -454,7 +459,7 @@ class Pages:
     def handles(self, path: str) -> bool:
         return path == "/" or path.startswith(UNIT_PREFIX)
 
-    def landing_gzip(self, published) -> bytes:
+    def landing_gzip(self, published: Published | None) -> bytes:
         """The landing page for ``published``, gzipped."""
         with self._lock:
             if self._rendered_for is not published:
@@ -464,7 +469,7 @@ class Pages:
                 self.renders += 1
             return self._landing_gzip
 
-    def respond(self, target: str, published, gzip_ok: bool = False) -> tuple[int, bytes, bool]:
+    def respond(self, target: str, published: Published | None, gzip_ok: bool = False) -> tuple[int, bytes, bool]:
         """(status, body, gzipped) for a request target (path and query) whose path ``handles``
         accepted."""
         path, _, query = target.partition("?")
