@@ -286,7 +286,7 @@ def landing_page(published: Published | None, telemetry_path: str, grafana_url: 
     links += f" · systemd-memory-exporter {html.escape(__version__)}"
     if published is None:
         body = (
-            f"<header><h1>systemd memory on {html.escape(host)}</h1><p class=status>no sample yet · {links}</p></header>"
+            f"<header><h1>systemd memory on {html.escape(host)}</h1><p class=status>no sample yet<br>{links}</p></header>"
         )
         return _document(f"systemd memory · {host}", body)
     all_r = [reconcile(s) for s in published.snapshot.units]
@@ -307,7 +307,7 @@ def landing_page(published: Published | None, telemetry_path: str, grafana_url: 
     body = (
         controls.radios
         + f'<header><h1>systemd memory on {html.escape(host)}</h1><p class="status">{html.escape(_status_line(published))}'
-        f" · {links}</p></header>"
+        f"<br>{links}</p></header>"
         '<p class="lede">Each bar is what <b>systemctl</b> says a unit uses (its cgroup\'s memory), split into what '
         'that figure is made of; the red mark is what <b>top</b> says (the summed RSS of its processes). '
         "Open a unit for the whole reconciliation.</p>"
