@@ -9,7 +9,7 @@ are proportional to the figures. Clicks are real mouse events on the labels, so 
 sort and filters are exercised as a person uses them.
 
 Screenshots go to tests/output/ (gitignored; CI keeps it as an artifact).
-UPDATE_SCREENSHOT=1 also copies the landing page's to docs/page.png, the README's picture.
+UPDATE_SCREENSHOT=1 also copies the landing page's to tests/screenshots/page.png, the README's picture.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tests.truth import MiB, Scrape, exporter_in_host
 pytestmark = pytest.mark.e2e
 
 OUTPUT = Path(__file__).parent / "output"
-README_PICTURE = Path(__file__).parents[1] / "docs" / "page.png"
+README_PICTURE = Path(__file__).parent / "screenshots" / "page.png"
 INTERVAL = 2.0
 WIDTH = 1280
 GRAFANA = "http://grafana.invalid:3000"
