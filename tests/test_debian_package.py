@@ -278,5 +278,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     owned = host.run(["find", "/etc", "/var", "/usr", "/opt", "/srv", "/run", "/tmp", "-xdev", "-uid", str(uid)],
                      check=False, timeout=120).stdout.split()
     assert not owned, owned
+    # The user stays, as Debian leaves system users (a reused UID could inherit files elsewhere).
+    assert host.run(["getent", "passwd", PACKAGE]).stdout.split(":")[2] == str(uid)
     # This machine's own guard was never touched.
     assert Path("/usr/sbin/policy-rc.d").exists() == machine_policy
