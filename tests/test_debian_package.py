@@ -178,6 +178,10 @@ def debhost():
 def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debhost):
     host = debhost
     apt_env = {"PATH": BUILD_PATH, "DEBIAN_FRONTEND": "noninteractive"}
+    started = time.monotonic()
+
+    def step(what: str) -> None:  # progress in the CI log (pytest -s or on failure)
+        print(f"[{time.monotonic() - started:5.1f} s] {what}", flush=True)
     machine_policy = Path("/usr/sbin/policy-rc.d").exists()
     host.run(["rm", "-f", "/usr/sbin/policy-rc.d"])
     assert not host.path("/usr/sbin/policy-rc.d").exists()
@@ -188,6 +192,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     host.write_file(f"/etc/default/{PACKAGE}", f'ARGS="--web.listen-address=127.0.0.1:{port} --sample.interval=1"\n')
     inside = host.exchange_dir / deb.name
     shutil.copy(deb, inside)
+    step("apt install ./deb")
     install = host.run(["apt", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold", f"./{deb.name}"],
                        cwd=host.exchange_dir, env=apt_env, timeout=600)
     print(install.stdout[-3000:])
@@ -199,6 +204,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     # (apt exited 0; its packagekit hook's "Error: ... packagekit.service is masked" is the test host's mask)
     assert not [line for line in install.stderr.splitlines() if line.startswith("E:")], install.stderr
 
+    step("installed")
     # The user from sysusers.d, the unit enabled and running from /lib/systemd/system.
     user = host.run(["getent", "passwd", PACKAGE]).stdout.strip().split(":")
     uid = int(user[2])
@@ -219,6 +225,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     maps = " ".join(Path(f"/proc/{p}/maps").read_text() for p in procs)
     assert len(procs) == 2 and "/usr/lib/python3/dist-packages/pystemd/" in maps, "not Debian's python3-pystemd"
 
+    step("unit active and sandboxed")
     # /metrics answers, with units seen over D-Bus (the exporter's own unit among them).
     def metrics():
         status_code, text = _get(port)
@@ -234,6 +241,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     units = {dict(labels)["unit"] for name, labels in samples if name == "systemd_unit_memory_bytes"}
     assert {"init.scope", "dbus.service", UNIT} <= units, units
 
+    step("scraped")
     # systemctl reload re-reads the web config: basic auth on, then a new password, same process.
     host.run(["mkdir", "-p", f"/etc/{PACKAGE}"])
     web_config = f"/etc/{PACKAGE}/web-config.yml"
@@ -255,6 +263,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     assert host.show(UNIT, "MainPID")["MainPID"] == pid and host.systemctl("is-active", UNIT).strip() == "active"
     host.run(["rm", "-r", f"/etc/{PACKAGE}"])  # the admin's own file: purge leaves those alone
 
+    step("reloaded")
     # remove: the service is stopped and the program gone; the conffile stays until purge.
     packaged = [p for p in _files(deb) if not p.startswith("/usr/share/doc/")]
     host.run(["apt-get", "remove", "-y", "-q", PACKAGE], env=apt_env, timeout=300)
@@ -265,6 +274,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     assert host.path(f"/etc/default/{PACKAGE}").exists()
     assert not [p for p in packaged if not p.startswith("/etc/") and host.path(p).exists()]
 
+    step("removed")
     # purge: nothing of the package is left, nor any file of its user.
     host.run(["apt-get", "purge", "-y", "-q", PACKAGE], env=apt_env, timeout=300)
     assert host.run(["dpkg-query", "-W", "-f", "${db:Status-Status}", PACKAGE], check=False, env=apt_env).stdout \
@@ -275,6 +285,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
                                    f"/usr/share/{PACKAGE}", f"/usr/lib/python3/dist-packages/exporter"]
             if host.path(p).exists() or host.path(p).is_symlink()]
     assert not left, left
+    step("purged")
     owned = host.run(["find", "/etc", "/var", "/usr", "/opt", "/srv", "/run", "/tmp", "-xdev", "-uid", str(uid)],
                      check=False, timeout=120).stdout.split()
     assert not owned, owned
@@ -282,3 +293,4 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     assert host.run(["getent", "passwd", PACKAGE]).stdout.split(":")[2] == str(uid)
     # This machine's own guard was never touched.
     assert Path("/usr/sbin/policy-rc.d").exists() == machine_policy
+    step("nothing left")
