@@ -97,8 +97,9 @@ def test_lintian_reports_no_errors(deb):
                             text=True, env={"PATH": BUILD_PATH, "LANG": "C.UTF-8"}, timeout=300)
     tags = [line for line in result.stdout.splitlines() if line[:2] in ("E:", "W:", "I:", "P:", "X:", "N:")]
     print("lintian:\n" + "\n".join(tags))  # shown with -s / in the CI log on failure
-    errors = [t for t in tags if t.startswith("E:")]
-    assert not errors, "\n".join(tags)
+    # No errors, and (on Debian 12's lintian 2.116) no warnings either: only the note that the
+    # package has no init.d script besides its unit.
+    assert not [t for t in tags if t[:2] in ("E:", "W:")], "\n".join(tags)
     # lintian exits 1 on errors only (and 2 on its own failures)
     assert result.returncode == 0, result.stdout + result.stderr
 
