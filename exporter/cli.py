@@ -250,12 +250,12 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
         parser.error(f"--web.telemetry-path must start with / and not be / itself: {args.telemetry_path!r}")
     _setup_logging(args.log_level)
-    web_config = None
+    web_config_file = None
     if args.web_config_file:
-        from .webconfig import WebConfigError, load
+        from .webconfig import WebConfigError, WebConfigFile
 
         try:
-            web_config = load(args.web_config_file)
+            web_config_file = WebConfigFile(args.web_config_file)
         except WebConfigError as e:
             print(f"systemd-memory-exporter: --web.config.file: {e}", file=sys.stderr)
             return 1
@@ -263,7 +263,8 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     config = SamplerConfig(args.procfs, args.cgroupfs, args.interval, args.pss, args.pss_budget, args.pss_max_rss)
     loop = SampleLoop(config, discovery, args.dbus_timeout)
     try:
-        server = serve(loop, args.listen, args.telemetry_path, web_config, args.grafana_url)
+        server = serve(loop, args.listen, args.telemetry_path, web_config_file and web_config_file.config,
+                       args.grafana_url)
     except OSError as e:
         print(f"systemd-memory-exporter: cannot listen on {args.listen}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -281,8 +282,19 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         log.info("received %s, shutting down", signal.Signals(signum).name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def reload(_signum, _frame):  # systemctl reload (the unit's ExecReload)
+        if web_config_file is None:
+            log.info("received SIGHUP: no --web.config.file, nothing to reload")
+            return
+        # Off the main thread: reading the file and bcrypt's decoy hash take a while.
+        threading.Thread(target=web_config_file.reload, args=(lambda c: setattr(server, "web_config", c),),
+                         name="reload", daemon=True).start()
+
+    if web_config_file is not None:
+        server.self_registry.register(web_config_file)
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGHUP, reload)
     try:
         server.serve_forever()
     finally:

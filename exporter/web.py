@@ -56,9 +56,6 @@ class ExporterServer(ThreadingHTTPServer):
         self.slots = threading.BoundedSemaphore(self.max_connections)
         self.web_config = web_config
         super().__init__(address, Handler)
-        if web_config is not None and web_config.tls is not None:
-            # TLS handshakes happen in each connection's thread (process_request_thread), not in accept.
-            self.socket = web_config.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     def process_request(self, request, client_address):
         # More than max_connections at once wait in the listen backlog instead of each
@@ -80,10 +77,13 @@ class ExporterServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request, client_address):
         try:
-            if self.web_config is None or self.web_config.handshake(request, self.request_timeout):
+            # TLS is set up here, in each connection's thread, with the web config in force when
+            # it was accepted (SIGHUP may replace self.web_config: cli.py).
+            web_config = self.web_config
+            if web_config is not None:
+                request = web_config.handshake(request, self.request_timeout)
+            if request is not None:
                 super().process_request_thread(request, client_address)
-            else:
-                self.shutdown_request(request)
         finally:
             self.slots.release()
 

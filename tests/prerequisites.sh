@@ -27,4 +27,12 @@ apt-get install -y -q --no-install-recommends \
   strace prometheus-node-exporter prometheus-process-exporter
 # chromium: headless, it loads the exporter's landing page in tests/test_page_browser.py
 apt-get install -y -q --no-install-recommends chromium
+# Packaging (tests/test_debian_package.py, tests/test_rpm.py): the .deb built with
+# dpkg-buildpackage (dh + pybuild; help2man writes the manual page) and checked by lintian; the RPM spec built with rpmbuild
+# (python3-build and python3-installer stand in for Fedora's pyproject macros, cpio unpacks
+# it), and python3-rpm, the bindings rpmlint (from PyPI, in the test extra) loads.
+apt-get install -y -q --no-install-recommends \
+  dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+  python3-build python3-installer fakeroot lintian help2man \
+  rpm python3-rpm cpio
 python3 -m pip install -q -e "$(dirname "$0")/..[test]"
