@@ -69,30 +69,48 @@ def host_variables(sel: Selectors) -> list[dict]:
     return variables
 
 
-def unit_variable(sel: Selectors, default_unit: str | None = None) -> dict:
-    current = {"text": [default_unit], "value": [default_unit]} if default_unit else {"text": ["All"], "value": ["$__all"]}
+ALL = {"text": ["All"], "value": ["$__all"]}
+
+
+def user_variable(sel: Selectors) -> dict:
+    # All is ".*", which also matches the system's units (they have no uid label).
     return query_variable(
-        "unit", "Unit", f"systemd_unit_info{{{sel.host}}}", "unit",
-        "systemd units to show (regex match; All = every unit the exporter reports).",
-        multi=True, includeAll=True, allValue=".+", current=current,
+        "uid", "User", f"systemd_unit_info{{{sel.host}}}", "uid",
+        "Users whose own units to show (uid label; All = the system's units and every user's).",
+        multi=True, includeAll=True, allValue=".*", current=ALL,
     )
 
 
-def unit_link(sel: Selectors, unit_value: str) -> list[dict]:
-    """A data link to the unit dashboard; unit_value is a Grafana data-link variable for the unit."""
+def unit_variable(sel: Selectors, single: bool = False, default_unit: str | None = None) -> dict:
+    """Every unit the exporter reports: services, scopes (machine-*.scope of VMs, libpod-*/docker-*
+    of containers), slices. single: one unit, no All (a dashboard about one unit)."""
+    listed = f'systemd_unit_info{{{sel.host}, uid=~"$uid"}}'
+    if single:
+        return query_variable("unit", "Unit", listed, "unit", "The systemd unit to show.",
+                              current={"text": default_unit, "value": default_unit})
+    return query_variable(
+        "unit", "Unit", listed, "unit",
+        "systemd units to show (regex match; All = every unit the exporter reports).",
+        multi=True, includeAll=True, allValue=".+", current=ALL,
+    )
+
+
+def unit_link(sel: Selectors, unit_value: str, uid_value: str) -> list[dict]:
+    """A data link to the unit dashboard; unit_value and uid_value are Grafana data-link variables."""
     keep = "".join(f"&${{{v['name']}:queryparam}}" for v in host_variables(sel))
     return [
         {
             "title": "Open the unit dashboard",
             # percentencode: unit names carry backslash escapes (foo\x2dbar.service).
             "url": f"{UNIT_DASHBOARD}?${{datasource:queryparam}}{keep}"
-            "&var-unit=${" + unit_value + ":percentencode}&${__url_time_range}",
+            f"&var-uid=${{{uid_value}:percentencode}}&var-unit=${{{unit_value}:percentencode}}&${{__url_time_range}}",
         }
     ]
 
 
 def dashboard(uid: str, title: str, description: str, panels: list[dict], sel: Selectors, time_from: str = "now-6h",
-              default_unit: str | None = None, annotations: list | None = None) -> dict:
+              single_unit: str | None = None, annotations: list | None = None) -> dict:
+    """single_unit: the default of a single-select unit variable (a dashboard about one unit)."""
     for number, panel in enumerate(panels, start=1):
         panel["id"] = number
     return {
@@ -143,7 +161,10 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict], sel: S
         "refresh": "1m",
         "schemaVersion": SCHEMA_VERSION,
         "tags": [TAG, "systemd", "memory"],
-        "templating": {"list": [datasource_variable(), *host_variables(sel), unit_variable(sel, default_unit)]},
+        "templating": {"list": [
+            datasource_variable(), *host_variables(sel), user_variable(sel),
+            unit_variable(sel, single=single_unit is not None, default_unit=single_unit),
+        ]},
         "time": {"from": time_from, "to": "now"},
         "timepicker": {},
         "timezone": "browser",

@@ -44,7 +44,15 @@ class Selectors:
 
     @property
     def units(self) -> str:
-        return self.host + ', unit=~"$unit"'
+        # uid: the user a unit belongs to (issue 12; system units have none, which "" matches).
+        return self.host + ', unit=~"$unit", uid=~"$uid"'
+
+    @property
+    def one_unit(self) -> str:
+        """For a single-select unit variable: Grafana regex-escapes only multi-value variables, so the
+        value is escaped explicitly (${unit:regex}) inside a raw string, where systemd's backslash
+        escapes (foo\\x2dbar.service) stay literal."""
+        return self.host + ', unit=~`${unit:regex}`, uid=~"$uid"'
 
     @property
     def root(self) -> str:
@@ -54,13 +62,16 @@ class Selectors:
 class Queries:
     """The queries of every dashboard; sel arguments default to the selected units of the host."""
 
-    def __init__(self, selectors: Selectors = Selectors()):
+    def __init__(self, selectors: Selectors = Selectors(), single_unit: bool = False):
         self.sel = selectors
+        self.single_unit = single_unit
         self.host = selectors.host
-        self.units = selectors.units
+        self.units = selectors.one_unit if single_unit else selectors.units
         self.root = selectors.root
         # Slices contain their services and scopes: "top units" and sums over units leave them out.
         self.not_slice_info = f'systemd_unit_info{{unit_type!="slice", {self.host}}}'
+        # Sums over units also leave out users' own units (uid="..."): user@UID.service holds them.
+        self.summable_info = f'systemd_unit_info{{unit_type!="slice", uid="", {self.host}}}'
         # Cgroups directly under the root (system.slice, user.slice, machine.slice, init.scope, ...).
         self.top_level_info = f'systemd_unit_info{{control_group=~"/[^/]+", {self.host}}}'
         self.slice_info = f'systemd_unit_info{{unit_type="slice", {self.host}}}'
@@ -117,11 +128,61 @@ class Queries:
         )
 
     def not_slice(self, expr: str) -> str:
-        return f"(\n{expr}\n)\nand on (instance, job, unit) {self.not_slice_info}"
+        return f"(\n{expr}\n)\nand on (instance, job, unit, uid) {self.not_slice_info}"
 
-    def per_unit(self, expr: str) -> str:
-        """One series per unit with the same labels, so a table can merge several queries."""
-        return f"sum by (instance, job, unit) (\n{self.not_slice(expr)}\n)"
+    def per_unit(self, expr: str, nonzero: bool = False) -> str:
+        """One series per unit with the same labels, so a table can merge several queries.
+
+        nonzero: only units with a usage above 0 (a table of every idle unit hides the ones that matter).
+        """
+        rows = f"sum by (instance, job, unit, uid) (\n{self.not_slice(expr)}\n)"
+        return f"{rows}\nand on (instance, job, unit, uid) ({self.usage()} > 0)" if nonzero else rows
+
+    def per_unit_any(self, expr: str) -> str:
+        """One series per unit, slices included (limits and OOM kills of slices are their own)."""
+        return f"sum by (instance, job, unit, uid) (\n{expr}\n)"
+
+    def rate_of(self, name: str, matchers: str, window: str = "$__rate_interval") -> str:
+        return f"rate({self.metric(name, matchers)}[{window}])"
+
+    def sum_units(self, expr: str) -> str:
+        """expr summed over the selected units, each page once: no slices, no users' own units."""
+        return f"sum(\n(\n{expr}\n)\nand on (instance, job, unit, uid) {self.summable_info}\n)"
+
+    def unreclaimable(self, sel: str | None = None) -> str:
+        """What reclaim cannot free: usage minus reclaimable cache (the recording rule's definition)."""
+        return f"clamp_min(\n{self.usage(sel)}\n- ignoring (type)\n{self.reclaimable(sel)},\n0\n)"
+
+    def to_limit(self, expr: str, limits: str = "max|high") -> str:
+        """expr as a share of each configured limit (the limit label tells which)."""
+        limit = self.metric("systemd_unit_memory_limit_bytes", 'limit=~"' + limits + '"')
+        return f"{expr}\n/ ignoring (limit) group_right\n{limit}"
+
+    def counted(self, event: str) -> str:
+        """memory.events increments per graph step, exact: no overlapping windows, no extrapolation."""
+        events = self.metric("systemd_unit_memory_events_total", 'event=~"' + event + '"')
+        return f"clamp_min(\n{events}\n- {events} offset $__interval,\n0\n)"
+
+    def counted_in_range(self, event: str) -> str:
+        """memory.events increments over the dashboard's time range, exact unless the counter restarted."""
+        events = self.metric("systemd_unit_memory_events_total", 'event="' + event + '"')
+        return f"max_over_time({events}[$__range])\n- min_over_time({events}[$__range])"
+
+    def verdict(self) -> str:
+        """explain's verdict as a number (the panel maps it to text), first match wins:
+        1 mostly unmapped page cache, 2 tmpfs/shm, 3 systemctl and top close, 4 top counts shared
+        pages more than once, 5 systemctl counts more than top. No cgroup figure: no value."""
+        usage, cache, shmem, gap = (
+            f"sum by (instance, job, unit, uid) ({expr})"
+            for expr in (self.usage(), self.unmapped_cache(), self.stat("shmem"), self.gap())
+        )
+        return (
+            f"(0 * {usage} + 1) and ({cache} >= 0.5 * {usage})\n"
+            f"or (0 * {usage} + 2) and ({shmem} >= 0.3 * {usage})\n"
+            f"or (0 * {usage} + 3) and (abs({gap}) <= clamp_min({usage} / 10, 16 * 1024 * 1024))\n"
+            f"or (0 * {usage} + 4) and ({gap} < 0)\n"
+            f"or (0 * {usage} + 5)"
+        )
 
     def host_total(self, part) -> str:
         """Whole-host figure: the root slice if the exporter reports a usage for it, else the top-level cgroups.
@@ -130,9 +191,11 @@ class Queries:
         then every part comes from the top-level cgroups too, so the host figures add up. Summing all
         units instead would count each service again in every slice above it.
         """
+        # Parentheses around part: `and` binds tighter than `or`, and kernel() is an `or` (issue 15:
+        # without them the top-level filter applied only to its fallback, summing every unit).
         return (
             f"sum by (instance) (\n{part(self.root)}\n)\nand on (instance) sum by (instance) ({self.usage(self.root)})\nor\n"
-            f"sum by (instance) (\n{part(self.host)}\nand on (instance, job, unit) {self.top_level_info}\n)"
+            f"sum by (instance) (\n(\n{part(self.host)}\n)\nand on (instance, job, unit, uid) {self.top_level_info}\n)"
         )
 
     def host_stat(self, item: str) -> str:

@@ -14,7 +14,7 @@ TEXT = """\
 still maps it.
 
 **top's number** (*RES*, `ps` RSS) is per process: RssAnon + RssFile + RssShmem. Summed over the unit's
-processes it is the second column below.
+processes it is the second column above.
 
 The gap is made of:
 
@@ -27,7 +27,8 @@ The gap is made of:
   once per process; fork()ed workers), positive for pages charged to the unit that no live process holds.
 
 Pages stay charged to the cgroup that first touched them, also after the process exits, and move to
-the parent slice when the unit stops: see *Memory charged to slices themselves*.
+the parent slice when the unit stops: see *Memory charged to slices themselves*. A user's own units
+(the User variable) sit inside user@UID.service, so sums leave them out.
 Swap is in neither number.
 """
 
@@ -47,17 +48,17 @@ def units_table(q: Queries) -> dict:
     ]
     return p.table(
         "Per unit: systemctl's number, top's number, and what makes up the difference",
-        "One row per unit (slices left out: the table below covers them), sorted by the gap. "
+        "One row per unit with memory (slices left out: the table below covers them), sorted by the gap. "
         "gap ≈ page cache nobody maps + tmpfs/shm + kernel + (anon + mapped − top). Reclaimable cache = "
         "page cache − tmpfs/shm − dirty − writeback: what the kernel can drop by itself. Click a unit for its "
         "dashboard.",
-        p.pos(0, 9, 24, 14),
-        [(name, q.per_unit(expr)) for name, expr in columns],
+        p.pos(0, 0, 24, 14),
+        [(name, q.per_unit(expr, nonzero=True)) for name, expr in columns],
         sort_by="gap: systemctl − top",
         overrides=[
             p.by_name("reclaimable share", p.prop("unit", "percentunit"),
                       p.prop("custom.cellOptions", {"type": "gauge", "mode": "basic"}), p.prop("min", 0), p.prop("max", 1)),
-            p.by_name("unit", p.prop("links", unit_link(q.sel, "__value.raw")), p.prop("custom.width", 280)),
+            p.by_name("unit", p.prop("links", unit_link(q.sel, "__value.raw", "__data.fields.uid")), p.prop("custom.width", 280)),
             p.by_name("gap: systemctl − top", p.prop("custom.cellOptions", {"type": "color-text"}), p.fixed("orange")),
         ],
     )
@@ -71,13 +72,13 @@ def slices_table(q: Queries) -> dict:
     )
     children_by_parent = (
         "sum by (instance, job, cgroup) (\n  label_replace(\n"
-        f"    {q.usage(q.host)}\n    * on (instance, job, unit) group_left (control_group)\n"
+        f"    {q.usage(q.host)}\n    * on (instance, job, unit, uid) group_left (control_group)\n"
         f'    systemd_unit_info{{control_group=~"/.+", {q.host}}},\n'
         '    "cgroup", "$1", "control_group", "(.*)/[^/]+"\n  )\n)'
     )
-    slice_usage = f"sum by (instance, job, unit) (\n{q.usage()}\nand on (instance, job, unit) {q.slice_info}\n)"
+    slice_usage = f"sum by (instance, job, unit, uid) (\n{q.usage()}\nand on (instance, job, unit, uid) {q.slice_info}\n)"
     children = (
-        f"sum by (instance, job, unit) (\n{slice_cgroup}\n* on (instance, job, cgroup) group_left ()\n{children_by_parent}\n)"
+        f"sum by (instance, job, unit, uid) (\n{slice_cgroup}\n* on (instance, job, cgroup) group_left ()\n{children_by_parent}\n)"
     )
     return p.table(
         "Memory charged to slices themselves",
@@ -85,7 +86,7 @@ def slices_table(q: Queries) -> dict:
         "the difference: pages charged to the slice itself. Those were left by units that have stopped "
         "(a stopped unit's cgroup is removed and its remaining page cache and tmpfs pages move to the "
         "parent) — memory that no running unit and no process shows. Sorted by that difference.",
-        p.pos(12, 23, 12, 10),
+        p.pos(12, 14, 12, 10),
         [
             ("slice usage", slice_usage),
             ("units directly below", children),
@@ -99,20 +100,21 @@ def slices_table(q: Queries) -> dict:
 def gap_parts(q: Queries) -> dict:
     return p.timeseries(
         "The gap over time, split into its parts",
-        "Summed over the selected units (slices left out). Stacked: page cache nobody maps, tmpfs/shm, kernel, "
-        "and anon + mapped − top (often negative: top counts shared pages once per process). The orange line "
-        "is the gap itself, systemctl's number minus top's number.",
-        p.pos(0, 23, 12, 10),
+        "Summed over the selected units, each page once (slices and users' own units left out: their slices and "
+        "user@UID.service hold them). Stacked: page cache nobody maps, tmpfs/shm, kernel. Lines: anon + mapped − "
+        "top (often negative: top counts shared pages once per process, so it is not stacked) and, orange, the "
+        "gap itself, systemctl's number minus top's number.",
+        p.pos(0, 14, 12, 10),
         p.targets(
-            (f"sum(\n{q.not_slice(q.unmapped_cache())}\n)", "page cache nobody maps"),
-            (f"sum(\n{q.not_slice(q.stat('shmem'))}\n)", "tmpfs / shm"),
-            (f"sum(\n{q.not_slice(q.kernel())}\n)", "kernel"),
-            (f"sum(\n{q.not_slice(q.mapped_and_anon_minus_top())}\n)", "anon + mapped − top"),
-            (f"sum(\n{q.not_slice(q.gap())}\n)", "gap: systemctl − top"),
+            (q.sum_units(q.unmapped_cache()), "page cache nobody maps"),
+            (q.sum_units(q.stat("shmem")), "tmpfs / shm"),
+            (q.sum_units(q.kernel()), "kernel"),
+            (q.sum_units(q.mapped_and_anon_minus_top()), "anon + mapped − top"),
+            (q.sum_units(q.gap()), "gap: systemctl − top"),
         ),
         stack=True,
         min0=False,
-        overrides=[p.by_ref("E", *p.LINE_ON_TOP, p.fixed("orange"))],
+        overrides=[p.by_ref("D", *p.LINE_ON_TOP, p.fixed("text")), p.by_ref("E", *p.LINE_ON_TOP, p.fixed("orange"))],
     )
 
 
@@ -121,7 +123,8 @@ def build(q: Queries) -> dict:
         "systemd-memory-why",
         "Why does systemctl disagree with top?",
         "Per unit: systemctl's memory number, top's number, and the parts that reconcile them.",
-        [p.text("Two numbers, two definitions", p.pos(0, 0, 24, 9), TEXT), units_table(q), gap_parts(q), slices_table(q)],
+        # The table first: the answer above the fold, the explanation below it.
+        [units_table(q), gap_parts(q), slices_table(q), p.text("Two numbers, two definitions", p.pos(0, 24, 24, 9), TEXT)],
         q.sel,
         time_from="now-3h",
     )
