@@ -188,26 +188,62 @@ def test_oom_panel_counts_the_kill_exactly(setup):
     assert expected == 1 and total == expected
 
 
-def test_recording_rules_equal_the_exporters_series(setup):
-    prometheus, exporter, units = setup
-    deadline = time.monotonic() + 30
-    while not prometheus.query(f'unit:systemd_unit_memory_gap_bytes{{unit="{units["cache"]}"}}'):
-        assert time.monotonic() < deadline, "the gap rule produced nothing"
+RECORDED = {  # per-unit recording rule -> its value from the unit's own series
+    "unit:systemd_unit_memory_rss_bytes:sum": model.rss,
+    "unit:systemd_unit_memory_gap_bytes": lambda f: f["cgroup_usage"] - model.rss(f),
+    "unit:systemd_unit_memory_reclaimable_cache_bytes": model.reclaimable,
+    "unit:systemd_unit_memory_reclaimable_cache_share:ratio": lambda f: model.reclaimable(f) / f["cgroup_usage"],
+    "unit:systemd_unit_memory_unreclaimable_bytes": lambda f: max(f["cgroup_usage"] - model.reclaimable(f), 0),
+    "unit:systemd_unit_memory_unmapped_cache_bytes": model.unmapped_cache,
+    "unit:systemd_unit_memory_unmapped_shmem_bytes": lambda f: max(f["stat:shmem"] - f["rss_shmem"], 0),
+}
+LIMITED = {  # the same for rules that need a MemoryMax
+    'unit:systemd_unit_memory_working_set_to_limit:ratio{limit="max"}': lambda f: f["working_set"] / f["limit:max"],
+    "unit:systemd_unit_memory_unreclaimable_to_max:ratio":
+        lambda f: max(f["cgroup_usage"] - model.reclaimable(f), 0) / f["limit:max"],
+}
+
+
+def recorded_at(prometheus, selector: str, deadline: float) -> tuple[float, float]:
+    """(value, evaluation time) of the latest sample of a recorded series, waiting for its first."""
+    while not (found := prometheus.query(f"timestamp({selector})")):
+        assert time.monotonic() < deadline, f"{selector}: never recorded"
         time.sleep(0.5)
-    recorded = prometheus.query("timestamp(instance:systemd_unit_memory_bytes:sum{type=\"cgroup_usage\"})")
-    at = float(recorded[0]["value"][1])
-    figures = model.unit_figures(prometheus, at, JOB, f"127.0.0.1:{exporter.port}")
-    host = model.host_figures(figures, "v1")
-    total = prometheus.query('instance:systemd_unit_memory_bytes:sum{type="cgroup_usage"}', at=at)
-    assert model.compare(float(total[0]["value"][1]), host["cgroup_usage"])
-    for name, compute in (("unit:systemd_unit_memory_gap_bytes", lambda f: f["cgroup_usage"] - model.rss(f)),
-                          ("unit:systemd_unit_memory_unreclaimable_bytes",
-                           lambda f: max(f["cgroup_usage"] - model.reclaimable(f), 0))):
-        for kind in ("anon", "cache", "shm"):
-            got = prometheus.query(f'{name}{{unit="{units[kind]}"}}', at=at)
-            assert model.compare(float(got[0]["value"][1]), compute(figures[(units[kind], None)])), (name, kind)
+    at = float(found[0]["value"][1])
+    return model.single_value(prometheus.query(selector, at=at)), at
+
+
+def test_recording_rules_equal_the_exporters_series(setup):
+    """Every recorded series against the exporter's own series at the instant it was recorded."""
+    prometheus, exporter, units = setup
+    instance = f"127.0.0.1:{exporter.port}"
+    deadline = time.monotonic() + 30
+    wrong = []
+    cases = [(rule, compute, kind) for rule, compute in RECORDED.items() for kind in ("anon", "cache", "shm", "shm_mapped")]
+    cases += [(rule, compute, kind) for rule, compute in LIMITED.items() for kind in ("limited", "tight")]
+    for rule, compute, kind in cases:
+        unit = units[kind]
+        selector = rule.replace("}", f', unit="{unit}"}}') if "{" in rule else f'{rule}{{unit="{unit}"}}'
+        got, at = recorded_at(prometheus, selector, deadline)
+        expected = compute(model.unit_figures(prometheus, at, JOB, instance)[(unit, None)])
+        if not model.compare(got, expected):
+            wrong.append(f"{rule} {kind}: recorded {got}, from its series {expected}")
+    for rule, figure in (('instance:systemd_unit_memory_bytes:sum{type="cgroup_usage"}', "cgroup_usage"),
+                         ('instance:systemd_unit_memory_stat_bytes:sum{item="anon"}', "stat:anon"),
+                         ('instance:systemd_unit_memory_stat_bytes:sum{item="file"}', "stat:file")):
+        got, at = recorded_at(prometheus, rule, deadline)
+        expected = model.host_figures(model.unit_figures(prometheus, at, JOB, instance), "v1")[figure]
+        if not model.compare(got, expected):
+            wrong.append(f"{rule}: recorded {got}, -.slice {expected}")
+    assert not wrong, "\n".join(wrong)
+    # The OOM kill: counted for th-oom, and th-oom accounts for it in system.slice (no slice alert).
+    kills, _ = recorded_at(prometheus, f'unit:systemd_unit_memory_oom_kills:increase10m{{unit="{units["oom"]}"}}', deadline)
+    assert 1 <= kills < 2
+    unaccounted, _ = recorded_at(prometheus, 'unit:systemd_unit_memory_oom_kills_unaccounted:increase10m{unit="system.slice"}',
+                                 deadline)
+    assert unaccounted < 0.5
     share = {kind: float(prometheus.query(
-        f'unit:systemd_unit_memory_reclaimable_cache_share:ratio{{unit="{units[kind]}"}}', at=at)[0]["value"][1])
+        f'unit:systemd_unit_memory_reclaimable_cache_share:ratio{{unit="{units[kind]}"}}')[0]["value"][1])
         for kind in ("cache", "anon")}
     assert share["cache"] > 0.8 and share["anon"] < 0.2
 
