@@ -24,4 +24,7 @@ apt-get install -y -q --no-install-recommends \
   dbus systemd util-linux procps curl openssl \
   qemu-system-x86 linux-image-amd64 debootstrap e2fsprogs \
   strace prometheus-node-exporter prometheus-process-exporter
+# libvirt for tests/test_libvirt.py: libvirtd runs inside the test host (the policy-rc.d guard
+# above keeps it from starting on this machine); qemu-system-x86 above is its emulator.
+apt-get install -y -q --no-install-recommends libvirt-daemon-system libvirt-clients
 python3 -m pip install -q -e "$(dirname "$0")/..[test]"
