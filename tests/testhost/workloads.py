@@ -369,6 +369,62 @@ def destroy_pool(host: TestHost, pool: str = "th") -> None:
     host.run(["virsh", "--connect", "qemu:///system", "pool-destroy", pool], check=False)
 
 
+# ------------------------------------------------------------ user managers
+# logind is masked in the host, so pam_systemd sets no XDG_RUNTIME_DIR: the user manager
+# refuses to start without it, and `systemctl --user -M USER@` (which runs systemd-stdio-bridge
+# as the user in a transient system unit run-uN.service) cannot find the user's bus. Drop-ins
+# give both what logind would (run-.service.d applies to every run-*.service).
+USER_MANAGER_DROPIN = "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/%i\n"
+BRIDGE_DROPIN = "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/{uid}\n"
+
+
+def user_manager(host: TestHost, user: str = "u", uid: int = 1500) -> str:
+    """A real user (useradd -m) and its systemd --user manager, user@UID.service, started the
+    way logind starts it at login. Returns the manager's unit name."""
+    if host.run(["id", "-u", user], check=False).stdout.strip() != str(uid):
+        host.run(["useradd", "-m", "-u", str(uid), user])
+    changed = False
+    for path, text in (("/run/systemd/system/user@.service.d/th-xdg.conf", USER_MANAGER_DROPIN),
+                       ("/run/systemd/system/run-.service.d/th-xdg.conf", BRIDGE_DROPIN.format(uid=uid))):
+        if not host.path(path).exists() or host.path(path).read_text() != text:
+            host.write_file(path, text)
+            changed = True
+    if changed:
+        host.systemctl("daemon-reload")
+    host.systemctl("start", f"user@{uid}.service")
+    return f"user@{uid}.service"
+
+
+def user_systemctl(host: TestHost, user: str, *args: str, check: bool = True) -> str:
+    """`systemctl --user -M USER@ ...`: the user's own manager, asked from root."""
+    return host.run(["systemctl", "--user", f"--machine={user}@", "--no-pager", *args], check=check).stdout
+
+
+def user_show(host: TestHost, user: str, unit: str, *props: str) -> dict[str, str]:
+    out = user_systemctl(host, user, "show", *(f"--property={p}" for p in props), "--", unit)
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def user_payload(host: TestHost, user: str, unit: str, mode: str, *args: object, timeout: float = 60) -> str:
+    """The PAYLOAD as a Type=notify unit of USER's own manager (systemd-run --user -M USER@):
+    it lands in /user.slice/user-UID.slice/user@UID.service/app.slice/UNIT. The machine's
+    /usr/bin/python3, not host.python: that one may live under /root, closed to the user."""
+    argv = ["systemd-run", "--user", f"--machine={user}@", "--quiet", "--collect", f"--unit={unit}",
+            "-p", "Type=notify", "-p", f"TimeoutStartSec={int(timeout)}",
+            "--", "/usr/bin/python3", "-c", PAYLOAD, mode, *(str(a) for a in args)]
+    try:
+        host.run(argv, timeout=timeout + 10)
+    except HostCommandError as e:
+        raise HostError(f"starting {user}'s {unit} failed: {e.stderr.strip()}") from None
+    return unit
+
+
+def stop_user_units(host: TestHost, user: str, units: Iterable[str]) -> None:
+    units = list(units)
+    if units:
+        user_systemctl(host, user, "stop", "--", *units, check=False)
+
+
 def sample_workloads(host: TestHost) -> list[str]:
     """One of each kind, for demos: anon, page cache, shm, multi-process, nested, escaped."""
     return [anon_hog(host), page_cache_reader(host), shm_writer(host, mapped=True), multi_process(host),
