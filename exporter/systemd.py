@@ -2,8 +2,8 @@
 
 Cost model (node_exporter #1201/#1254 made one call per unit per scrape): one ListUnits per
 cycle, plus one Get of ControlGroup for a unit only when it is new or its state changed.
-Everything here runs on the discovery thread, which owns the one bus connection: sd-bus is
-not thread-safe. Every method call is bounded by $SYSTEMD_BUS_TIMEOUT, which sd-bus reads
+Everything here runs in the discovery child process (exporter/discovery_process.py), on one
+thread that owns the one bus connection: sd-bus is not thread-safe. Every method call is bounded by $SYSTEMD_BUS_TIMEOUT, which sd-bus reads
 when a bus makes its first call (systemd docs/ENVIRONMENT.md); pystemd passes timeout 0,
 meaning "that default".
 """
@@ -26,6 +26,10 @@ CGROUP_UNIT_TYPES = ("service", "scope", "slice", "socket", "mount", "swap")
 # States in which a unit can have processes or charged memory. "inactive" units have no
 # cgroup; "failed" ones may still hold one (e.g. KillMode=none leftovers).
 _STATES_WITHOUT_CGROUP = frozenset({"inactive"})
+
+# --systemd.private-socket and --dbus.timeout.
+DEFAULT_PRIVATE_SOCKET = "/run/systemd/private"
+DEFAULT_DBUS_TIMEOUT = 5.0
 
 SYSTEMD_DESTINATION = b"org.freedesktop.systemd1"
 MANAGER_PATH = b"/org/freedesktop/systemd1"
@@ -194,8 +198,10 @@ class DiscoveryError(Exception):
 class Discovery:
     """Lists units and their control groups. Not thread-safe: owned by one thread."""
 
-    def __init__(self, unit_filter: UnitFilter, private_socket: str = "/run/systemd/private", timeout: float = 5.0,
-                 user_units_root: str | None = None):
+    def __init__(
+        self, unit_filter: UnitFilter, private_socket: str = DEFAULT_PRIVATE_SOCKET, timeout: float = DEFAULT_DBUS_TIMEOUT,
+        user_units_root: str | None = None,
+    ):
         """``user_units_root``: the cgroup hierarchy systemd names units in (cgroupfs.Layout's
         procs_root), to find user managers' units below user@UID.service; None: no user units."""
         self.unit_filter = unit_filter
