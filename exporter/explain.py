@@ -28,8 +28,9 @@ def _percent(part: int | None, whole: int | None) -> str:
 def explain_unit(sample: UnitSample) -> str:
     b = Breakdown.of(sample)
     unit, totals, memory = sample.unit, sample.processes, sample.memory
+    state = f"{unit.active_state}/{unit.sub_state}" if unit.sub_state else unit.active_state
     lines = [
-        f"{unit.name}  ({unit.active_state}/{unit.sub_state}, {totals.processes} "
+        f"{unit.key}  ({state}, {totals.processes} "
         f"process{'es' if totals.processes != 1 else ''}, cgroup {unit.control_group})"
     ]
     def row(label: str, value: str, note: str) -> str:
@@ -44,6 +45,10 @@ def explain_unit(sample: UnitSample) -> str:
             f" + shmem {human_bytes(totals.rss_shmem)}",
         )
     )
+    if memory is None and unit.uid is not None:
+        lines.append("  No memory cgroup: on cgroup v1 systemd gives user managers no memory controller,")
+        lines.append("  so systemctl --user shows MemoryCurrent [not set] and only top's view exists.")
+        return "\n".join(lines)
     if memory is None:
         lines.append("  No memory cgroup: memory accounting is off for this unit (MemoryAccounting=no on cgroup v1),")
         lines.append("  so systemd reports no figure and only top's view exists.")

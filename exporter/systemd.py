@@ -48,6 +48,12 @@ class Unit:
     # with the system's.
     uid: int | None = None
 
+    @property
+    def key(self) -> str:
+        """Unique among the units of one sample: the name, and for a user's unit its user too
+        ("dbus.service (uid 1500)"; unit names have no spaces). Also how explain names it."""
+        return self.name if self.uid is None else f"{self.name} (uid {self.uid})"
+
 
 # --------------------------------------------------------------------------- user units
 # Units of every user manager (systemd --user, running as user@UID.service) are found in the

@@ -180,7 +180,7 @@ def landing_page(published: Published | None, telemetry_path: str) -> str:
         ranked = sorted(snapshot.units, key=lambda s: (s.memory.usage or 0) if s.memory else 0, reverse=True)
         for sample in ranked:
             b = Breakdown.of(sample)
-            cells = [sample.unit.name, sample.unit.type, str(sample.processes.processes)] + [
+            cells = [sample.unit.key, sample.unit.type, str(sample.processes.processes)] + [
                 human_bytes(v) for v in (b.systemctl, b.top, b.anon, b.unmapped_cache, b.shmem, b.kernel, b.swap)
             ]
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")

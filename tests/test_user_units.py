@@ -63,3 +63,137 @@ def test_user_manager_uid():
     assert user_manager_uid("user@0.service") == 0
     for name in ("user-1500.slice", "user@.service", "user@15x.service", "user-runtime-dir@1500.service"):
         assert user_manager_uid(name) is None
+
+
+# --------------------------------------------------------------------------- a real user manager
+# In the test host (systemd 252, cgroup v1 hybrid): useradd, user@1500.service, units started
+# with `systemd-run --user -M u@`, every figure checked against `systemctl --user -M u@ show`
+# and /proc. The v2 counterpart is tests/vm/test_v2_user_units.py.
+
+import pytest  # noqa: E402
+
+from tests.testhost import workloads  # noqa: E402
+from tests.truth import MiB, exporter_in_host, proc_sums_script  # noqa: E402
+
+USER, UID = "u", 1500
+INTERVAL = 1.0
+
+
+@pytest.fixture(scope="module")
+def user_units(testhost):
+    workloads.user_manager(testhost, USER, UID)
+    units = {"hog": workloads.user_payload(testhost, USER, "th-user-hog.service", "anon", 60),
+             "multi": workloads.user_payload(testhost, USER, "th-user-multi.service", "multi", 2, 10)}
+    # the user's own dbus.service, started by socket activation, named like the system's
+    workloads.user_systemctl(testhost, USER, "start", "dbus.service")
+    yield units
+    workloads.stop_user_units(testhost, USER, units.values())
+    testhost.systemctl("stop", f"user@{UID}.service", check=False)
+
+
+@pytest.fixture(scope="module")
+def exporter(testhost, user_units):
+    with exporter_in_host(testhost, INTERVAL) as client:
+        client.next_sample()
+        yield client
+
+
+def _series(m, name, **labels):
+    """Samples of ``name`` with these labels; uid=None means: no uid label at all."""
+    return [s for s in m.samples if s.name == name
+            and all((k not in s.labels) if v is None else s.labels.get(k) == v for k, v in labels.items())]
+
+
+def _one(m, name, **labels) -> float:
+    found = _series(m, name, **labels)
+    assert len(found) == 1, (name, labels, found)
+    return found[0].value
+
+
+@pytest.mark.e2e
+def test_user_unit_is_reported_with_its_uid(testhost, exporter, user_units):
+    m = exporter.scrape()
+    unit = user_units["hog"]
+    show = workloads.user_show(testhost, USER, unit, "ControlGroup", "MemoryCurrent", "ActiveState")
+    [info] = _series(m, "systemd_unit_info", unit=unit, uid=str(UID))
+    assert info.labels["control_group"] == show["ControlGroup"] == f"/user.slice/user-{UID}.slice/user@{UID}.service/app.slice/{unit}"
+    assert info.labels["unit_type"] == "service" and info.labels["active_state"] == show["ActiveState"] == "active"
+    assert _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="rss_anon") >= 60 * MiB
+
+
+@pytest.mark.e2e
+def test_user_unit_figures_match_systemctl_user_and_proc(testhost, exporter, user_units):
+    """RSS sums equal /proc's; on v1/hybrid no cgroup figure at all, as systemctl --user shows."""
+    for unit in user_units.values():
+        show = workloads.user_show(testhost, USER, unit, "ControlGroup", "MemoryCurrent")
+        assert show["MemoryCurrent"] == "[not set]"  # no memory delegation to user managers on v1
+        script = proc_sums_script(f"/sys/fs/cgroup/unified{show['ControlGroup']}")
+        expected = {k: int(v) for k, v in (x.split("=") for x in testhost.run(["python3", "-c", script]).stdout.split())}
+        m = exporter.scrape()
+        assert _one(m, "systemd_unit_processes", unit=unit, uid=str(UID)) == expected["processes"]
+        for kind in ("rss_anon", "rss_file", "rss_shmem"):
+            assert _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type=kind) == pytest.approx(
+                expected[kind], rel=0.02, abs=256 * 1024), (unit, kind)
+        for kind in ("cgroup_usage", "page_cache", "swap"):
+            assert not _series(m, "systemd_unit_memory_bytes", unit=unit, type=kind), (unit, kind)
+        for family in ("systemd_unit_memory_stat_bytes", "systemd_unit_memory_working_set_bytes",
+                       "systemd_unit_memory_limit_bytes", "systemd_unit_memory_events_total"):
+            assert not _series(m, family, unit=unit), (unit, family)
+    assert _one(m, "systemd_unit_processes", unit=user_units["multi"], uid=str(UID)) == 3
+
+
+@pytest.mark.e2e
+def test_a_users_dbus_service_never_collides_with_the_systems(testhost, exporter, user_units):
+    m = exporter.scrape()
+    system = _series(m, "systemd_unit_info", unit="dbus.service", uid=None)
+    user = _series(m, "systemd_unit_info", unit="dbus.service", uid=str(UID))
+    assert len(system) == 1 and len(user) == 1
+    assert system[0].labels["control_group"] == testhost.unit_cgroup("dbus.service") == "/system.slice/dbus.service"
+    assert user[0].labels["control_group"] == workloads.user_show(testhost, USER, "dbus.service", "ControlGroup")["ControlGroup"]
+    # the system's keeps its cgroup figures, the user's has none (hybrid)
+    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") > 0
+    assert not _series(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=str(UID), type="cgroup_usage")
+    # so do the two init.scopes: PID 1's, and the user manager's own (systemd --user, sd-pam)
+    assert _one(m, "systemd_unit_processes", unit="init.scope", uid=None) == 1
+    user_init = testhost.path(f"/sys/fs/cgroup/unified/user.slice/user-{UID}.slice/user@{UID}.service/init.scope/cgroup.procs")
+    assert _one(m, "systemd_unit_processes", unit="init.scope", uid=str(UID)) == len(user_init.read_text().split()) >= 1
+
+
+@pytest.mark.e2e
+def test_user_units_are_inside_their_manager_and_not_in_host_totals_twice(testhost, exporter, user_units):
+    """Host totals come from -.slice (v1) or the top-level cgroups: user units are below
+    user@UID.service, which holds their processes already."""
+    m = exporter.scrape()
+    manager = _one(m, "systemd_unit_memory_bytes", unit=f"user@{UID}.service", uid=None, type="rss_anon")
+    inside = sum(s.value for s in _series(m, "systemd_unit_memory_bytes", uid=str(UID), type="rss_anon")
+                 if s.labels["unit"] in user_units.values())
+    assert manager >= inside >= 60 * MiB
+    every_pid = _one(m, "systemd_unit_processes", unit="-.slice", uid=None)
+    system_non_slices = sum(s.value for s in _series(m, "systemd_unit_processes", uid=None)
+                            if not s.labels["unit"].endswith(".slice"))
+    assert system_non_slices <= every_pid  # units without uid partition the machine's processes
+
+
+@pytest.mark.e2e
+def test_promtool_is_clean_with_user_units(exporter, user_units):
+    import subprocess
+    body = exporter.scrape_text()
+    assert 'uid="1500"' in body
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+def test_explain_names_the_user(testhost, user_units):
+    out = testhost.run(["python3", "-m", "exporter", "explain", user_units["hog"]]).stdout
+    assert f"{user_units['hog']} (uid {UID})  (active, 1 process" in out, out
+    assert "MemoryCurrent [not set]" in out
+
+
+@pytest.mark.e2e
+def test_no_collector_user_units_turns_them_off(testhost, user_units):
+    with exporter_in_host(testhost, INTERVAL, "--no-collector.user-units") as client:
+        client.next_sample()
+        m = client.scrape()
+    assert not [s for s in m.samples if "uid" in s.labels]
+    assert _one(m, "systemd_unit_processes", unit=f"user@{UID}.service") >= 3  # the manager still, as a whole
