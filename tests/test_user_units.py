@@ -197,3 +197,37 @@ def test_no_collector_user_units_turns_them_off(testhost, user_units):
         m = client.scrape()
     assert not [s for s in m.samples if "uid" in s.labels]
     assert _one(m, "systemd_unit_processes", unit=f"user@{UID}.service") >= 3  # the manager still, as a whole
+
+
+from tests.test_deploy_unit import installed_unit  # noqa: E402,F401  (the hardened unit, installed in the host)
+
+
+@pytest.mark.e2e
+def test_the_hardened_unit_reports_user_units(testhost, user_units, installed_unit):
+    """Why the cgroup tree and not the users' buses: the shipped unit (no root, no capabilities,
+    ProtectHome=yes) cannot open /run/user/UID/bus, yet it reports every user's units."""
+    import time
+    import urllib.request
+
+    from tests.truth import Scrape
+
+    unit = user_units["hog"]
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{installed_unit}/metrics", timeout=10) as r:
+                m = Scrape.parse(r.read().decode())
+        except OSError:  # still starting
+            m = Scrape([])
+        found = _series(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="rss_anon")
+        if found and found[0].value >= 60 * MiB:
+            break
+        assert time.monotonic() < deadline, "the hardened unit did not report the user's unit"
+        time.sleep(0.5)
+    main_pid = testhost.systemctl("show", "-P", "MainPID", "systemd-memory-exporter.service").strip()
+    status = testhost.run(["cat", f"/proc/{main_pid}/status"]).stdout
+    assert "CapEff:\t0000000000000000" in status
+    # and the user's bus is out of its reach: the sandbox hides /run/user
+    probe = testhost.run(["systemd-run", "--wait", "--pipe", "--quiet", "-p", "User=systemd-memory-exporter",
+                          "-p", "ProtectHome=yes", "test", "-e", f"/run/user/{UID}/bus"], check=False)
+    assert probe.returncode != 0
