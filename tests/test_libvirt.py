@@ -117,7 +117,9 @@ def test_libvirtd_figures_match_systemctl_and_proc(testhost, exporter, libvirt):
 
 
 def test_explain_libvirtd_names_page_cache_as_the_gap(testhost, exporter, libvirt):
+    status = testhost.systemctl("status", libvirt["daemon"], check=False)
     out = testhost.run(["python3", "-m", "exporter", "explain", libvirt["daemon"]]).stdout
+    print(next(line for line in status.splitlines() if "Memory:" in line))  # for README.md's example
     print(out)
     section = out[out.index("libvirtd.service  ("):]
     verdict = next(line for line in section.splitlines() if "Verdict:" in line)

@@ -179,7 +179,7 @@ def test_contract_knows_the_metrics(contract):
     assert contract.knows("systemd_unit_memory_bytes")
     assert contract.knows("process_resident_memory_bytes")  # process_* rows
     assert not contract.knows("systemd_unit_memory_usage_bytes")
-    assert contract.labels_of("systemd_unit_memory_limit_bytes") == {"unit", "limit", "instance", "job"}
+    assert contract.labels_of("systemd_unit_memory_limit_bytes") == {"unit", "uid", "limit", "instance", "job"}
     assert {"cgroup_usage", "rss_anon", "rss_file", "rss_shmem", "swap"} <= contract.values_of("systemd_unit_memory_bytes", "type")
     assert {"file_mapped", "file_dirty", "file_writeback", "kernel"} <= contract.values_of("systemd_unit_memory_stat_bytes", "item")
     assert "oom_kill" in contract.values_of("systemd_unit_memory_events_total", "event")

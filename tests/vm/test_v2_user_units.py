@@ -1,0 +1,148 @@
+"""Every user's own units on cgroup v2, in the QEMU guest: a real user (useradd), its user
+manager started the way logind starts it, a unit started with `systemd-run --user -M u@`.
+
+On v2 systemd 252's user@.service has Delegate=pids memory cpu, so the user's units have
+their own memory.current: they get cgroup figures as well as RSS, each checked against
+`systemctl --user -M u@ show`, the cgroup files and /proc in the guest. The v1/hybrid
+counterpart (RSS only, MemoryCurrent [not set]) is tests/test_user_units.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.testhost.workloads import PAYLOAD
+from tests.truth import MiB, Scrape, proc_sums_script
+
+from .test_v2_truth import INTERVAL, GuestExporter
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vm]
+
+USER, UID = "u", 1500
+PORT = 10074  # not test_v2_truth's, should both modules' exporters overlap
+URL = f"http://127.0.0.1:{PORT}/metrics"
+EXPORTER_UNIT = "smx-exporter-users.service"
+MANAGER_CGROUP = f"/user.slice/user-{UID}.slice/user@{UID}.service"
+
+
+def _user_show(vm, unit: str, *props: str) -> dict[str, str]:
+    out = vm.run(["systemctl", "--user", f"--machine={USER}@", "show", *(f"--property={p}" for p in props), "--", unit],
+                 check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+@pytest.fixture(scope="module")
+def user_units(vm):
+    if vm.run(["id", "-u", USER]).returncode:
+        vm.run(["useradd", "-m", "-u", str(UID), USER], check=True)
+    vm.run(["systemctl", "start", f"user@{UID}.service"], check=True, timeout=120)
+    units = {"hog": "th-user-hog.service", "multi": "th-user-multi.service"}
+    for (key, unit), args in zip(units.items(), (["anon", "60"], ["multi", "2", "10"])):
+        started = vm.run(["systemd-run", "--user", f"--machine={USER}@", "--quiet", "--collect", f"--unit={unit}",
+                          "-p", "Type=notify", "-p", "TimeoutStartSec=120", "--", "python3", "-c", PAYLOAD, *args],
+                         timeout=180)
+        assert started.returncode == 0, started.stderr
+    vm.run(["systemctl", "--user", f"--machine={USER}@", "start", "dbus.service"], check=True)
+    yield units
+    vm.run(["systemctl", "--user", f"--machine={USER}@", "stop", *units.values()])
+    vm.run(["systemctl", "stop", f"user@{UID}.service"], timeout=120)
+
+
+@pytest.fixture(scope="module")
+def exporter(vm, user_units):
+    vm.start_unit(EXPORTER_UNIT, ["python3", "-m", "exporter", f"--web.listen-address=127.0.0.1:{PORT}",
+                                  f"--sample.interval={INTERVAL:g}"])
+    try:
+        client = GuestExporter(vm, URL, INTERVAL)
+        client.wait_ready(timeout=60)
+        yield client
+    finally:
+        journal = vm.run(["journalctl", "--no-pager", "-o", "cat", "-u", EXPORTER_UNIT]).stdout
+        vm.stop_unit(EXPORTER_UNIT)
+    assert "Traceback" not in journal, journal[-4000:]
+
+
+def _series(m: Scrape, name: str, **labels):
+    """uid=None: the series has no uid label at all (a system unit)."""
+    return [s for s in m.samples if s.name == name
+            and all((k not in s.labels) if v is None else s.labels.get(k) == v for k, v in labels.items())]
+
+
+def _one(m: Scrape, name: str, **labels) -> float:
+    found = _series(m, name, **labels)
+    assert len(found) == 1, (name, labels, found)
+    return found[0].value
+
+
+def test_user_manager_has_the_memory_controller(vm, user_units):
+    controllers = vm.read_text(f"/sys/fs/cgroup{MANAGER_CGROUP}/cgroup.subtree_control").split()
+    assert "memory" in controllers
+    assert _user_show(vm, user_units["hog"], "MemoryCurrent")["MemoryCurrent"] != "[not set]"
+
+
+def test_user_unit_usage_equals_systemctl_user_and_memory_current(vm, exporter, user_units):
+    """cgroup_usage against `systemctl --user -M u@ show` and memory.current, within 2 %,
+    retried from a fresh sample: the guest runs under TCG and the figures move."""
+    mismatched = {}
+    for _attempt in range(5):
+        m = exporter.next_sample()
+        mismatched = {}
+        for unit in user_units.values():
+            show = _user_show(vm, unit, "MemoryCurrent", "ControlGroup")
+            kernel = int(vm.read_text(f"/sys/fs/cgroup{show['ControlGroup']}/memory.current"))
+            usage = _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="cgroup_usage")
+            if not (usage == pytest.approx(int(show["MemoryCurrent"]), rel=0.02) and usage == pytest.approx(kernel, rel=0.02)):
+                mismatched[unit] = (usage, show["MemoryCurrent"], kernel)
+        if not mismatched:
+            break
+    assert not mismatched, f"cgroup_usage differs from MemoryCurrent by more than 2 % five times: {mismatched}"
+    hog = user_units["hog"]
+    assert _one(m, "systemd_unit_memory_stat_bytes", unit=hog, uid=str(UID), item="anon") >= 60 * MiB
+    [info] = _series(m, "systemd_unit_info", unit=hog, uid=str(UID))
+    assert info.labels["control_group"] == f"{MANAGER_CGROUP}/app.slice/{hog}"
+
+
+def test_user_unit_rss_equals_proc_sums(vm, exporter, user_units):
+    for unit in user_units.values():
+        group = _user_show(vm, unit, "ControlGroup")["ControlGroup"]
+        sums = vm.run(["python3", "-c", proc_sums_script(f"/sys/fs/cgroup{group}")], check=True).stdout
+        expected = {k: int(v) for k, v in (x.split("=") for x in sums.split())}
+        m = exporter.scrape()
+        assert _one(m, "systemd_unit_processes", unit=unit, uid=str(UID)) == expected["processes"]
+        for kind in ("rss_anon", "rss_file", "rss_shmem"):
+            assert _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type=kind) == pytest.approx(
+                expected[kind], rel=0.02, abs=256 * 1024), (unit, kind)
+
+
+def test_a_users_dbus_service_is_not_the_systems(vm, exporter, user_units):
+    m = exporter.scrape()
+    [system] = _series(m, "systemd_unit_info", unit="dbus.service", uid=None)
+    [user] = _series(m, "systemd_unit_info", unit="dbus.service", uid=str(UID))
+    assert system.labels["control_group"] == "/system.slice/dbus.service"
+    assert user.labels["control_group"] == _user_show(vm, "dbus.service", "ControlGroup")["ControlGroup"]
+    # both have their own cgroup figures on v2
+    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") > 0
+    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=str(UID), type="cgroup_usage") > 0
+
+
+def test_user_units_are_inside_their_manager(vm, exporter, user_units):
+    """Host totals on v2 come from the top-level cgroups; user units are below user@UID.service,
+    whose usage already holds theirs."""
+    m = exporter.scrape()
+    manager = _one(m, "systemd_unit_memory_bytes", unit=f"user@{UID}.service", uid=None, type="cgroup_usage")
+    inside = sum(_one(m, "systemd_unit_memory_bytes", unit=u, uid=str(UID), type="cgroup_usage")
+                 for u in user_units.values())
+    assert manager >= inside >= 60 * MiB
+    top_level = [s for s in _series(m, "systemd_unit_info", uid=None) if s.labels["control_group"].count("/") == 1
+                 and s.labels["control_group"] != "/"]
+    assert all("uid" not in s.labels for s in top_level)
+    assert "user.slice" in {s.labels["unit"] for s in top_level}
+
+
+def test_series_vanish_when_the_user_unit_stops(vm, exporter, user_units):
+    unit = "th-user-short.service"
+    started = vm.run(["systemd-run", "--user", f"--machine={USER}@", "--quiet", "--collect", f"--unit={unit}",
+                      "-p", "Type=notify", "--", "python3", "-c", PAYLOAD, "anon", "5"], timeout=120)
+    assert started.returncode == 0, started.stderr
+    assert _series(exporter.next_sample(), "systemd_unit_info", unit=unit, uid=str(UID))
+    vm.run(["systemctl", "--user", f"--machine={USER}@", "stop", unit], check=True)
+    assert not _series(exporter.next_sample(), "systemd_unit_info", unit=unit)
