@@ -231,3 +231,29 @@ def test_the_hardened_unit_reports_user_units(testhost, user_units, installed_un
     probe = testhost.run(["systemd-run", "--wait", "--pipe", "--quiet", "-p", "User=systemd-memory-exporter",
                           "-p", "ProtectHome=yes", "test", "-e", f"/run/user/{UID}/bus"], check=False)
     assert probe.returncode != 0
+
+
+# --------------------------------------------------------------------------- sampler and render
+def test_a_user_unit_named_like_a_system_unit_keeps_its_own_figures():
+    """Samples are keyed by Unit.key: a user's dbus.service never takes the system's figures.
+    The v2 fixture tree, with smx-anon-1.service's cgroup standing in for a user's dbus.service."""
+    import dataclasses
+    import subprocess
+
+    from exporter.render import render
+    from tests.test_sampler import FIXTURES, load_units, sample_tree
+    from tests.truth import Scrape
+
+    tree = FIXTURES / "v2"
+    units = load_units(tree)
+    anon = next(u for u in units if u.name == "smx-anon-1.service")
+    user_dbus = dataclasses.replace(anon, name="dbus.service", uid=1500)
+    snapshot = sample_tree(tree, units + (user_dbus,))
+    system, user = (next(s for s in snapshot.units if s.unit.key == k) for k in ("dbus.service", "dbus.service (uid 1500)"))
+    assert user.memory.usage == snapshot.unit("smx-anon-1.service").memory.usage != system.memory.usage
+    text = render(snapshot).decode()
+    m = Scrape.parse(text)
+    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid="1500", type="cgroup_usage") == user.memory.usage
+    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") == system.memory.usage
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
