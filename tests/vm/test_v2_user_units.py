@@ -1,16 +1,21 @@
 """Every user's own units on cgroup v2, in the QEMU guest: a real user (useradd), its user
-manager started the way logind starts it, a unit started with `systemd-run --user -M u@`.
+manager started the way logind starts it, units started with `systemd-run --user` as the user.
+
+The guest image has no logind and no dbus-user-session, so there is no user bus for
+`systemctl --user -M u@` to bridge to: `systemctl --user` and `systemd-run --user` run as the
+user instead, and reach the user manager on its private socket
+(/run/user/UID/systemd/private). Same manager, same properties.
 
 On v2 systemd 252's user@.service has Delegate=pids memory cpu, so the user's units have
 their own memory.current: they get cgroup figures as well as RSS, each checked against
-`systemctl --user -M u@ show`, the cgroup files and /proc in the guest. The v1/hybrid
+`systemctl --user show`, the cgroup files and /proc in the guest. The v1/hybrid
 counterpart (RSS only, MemoryCurrent [not set]) is tests/test_user_units.py.
 """
 from __future__ import annotations
 
 import pytest
 
-from tests.testhost.workloads import PAYLOAD
+from tests.testhost.workloads import PAYLOAD, USER_MANAGER_DROPIN
 from tests.truth import MiB, Scrape, proc_sums_script
 
 from .test_v2_truth import INTERVAL, GuestExporter
@@ -24,8 +29,13 @@ EXPORTER_UNIT = "smx-exporter-users.service"
 MANAGER_CGROUP = f"/user.slice/user-{UID}.slice/user@{UID}.service"
 
 
+def _as_user(*argv: str) -> list[str]:
+    return ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--init-groups", "env", f"XDG_RUNTIME_DIR=/run/user/{UID}",
+            *argv]
+
+
 def _user_show(vm, unit: str, *props: str) -> dict[str, str]:
-    out = vm.run(["systemctl", "--user", f"--machine={USER}@", "show", *(f"--property={p}" for p in props), "--", unit],
+    out = vm.run(_as_user("systemctl", "--user", "show", *(f"--property={p}" for p in props), "--", unit),
                  check=True).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
@@ -34,16 +44,20 @@ def _user_show(vm, unit: str, *props: str) -> dict[str, str]:
 def user_units(vm):
     if vm.run(["id", "-u", USER]).returncode:
         vm.run(["useradd", "-m", "-u", str(UID), USER], check=True)
+    # The image has no logind (minbase, no libpam-systemd): give the user manager the
+    # XDG_RUNTIME_DIR logind would, as tests/testhost/workloads.user_manager does.
+    path = "/run/systemd/system/user@.service.d/th-xdg.conf"
+    vm.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1"', "sh", path], input=USER_MANAGER_DROPIN, check=True)
+    vm.run(["systemctl", "daemon-reload"], check=True)
     vm.run(["systemctl", "start", f"user@{UID}.service"], check=True, timeout=120)
     units = {"hog": "th-user-hog.service", "multi": "th-user-multi.service"}
     for (key, unit), args in zip(units.items(), (["anon", "60"], ["multi", "2", "10"])):
-        started = vm.run(["systemd-run", "--user", f"--machine={USER}@", "--quiet", "--collect", f"--unit={unit}",
-                          "-p", "Type=notify", "-p", "TimeoutStartSec=120", "--", "python3", "-c", PAYLOAD, *args],
+        started = vm.run(_as_user("systemd-run", "--user", "--quiet", "--collect", f"--unit={unit}",
+                                  "-p", "Type=notify", "-p", "TimeoutStartSec=120", "--", "python3", "-c", PAYLOAD, *args),
                          timeout=180)
         assert started.returncode == 0, started.stderr
-    vm.run(["systemctl", "--user", f"--machine={USER}@", "start", "dbus.service"], check=True)
     yield units
-    vm.run(["systemctl", "--user", f"--machine={USER}@", "stop", *units.values()])
+    vm.run(_as_user("systemctl", "--user", "stop", *units.values()))
     vm.run(["systemctl", "stop", f"user@{UID}.service"], timeout=120)
 
 
@@ -113,15 +127,21 @@ def test_user_unit_rss_equals_proc_sums(vm, exporter, user_units):
                 expected[kind], rel=0.02, abs=256 * 1024), (unit, kind)
 
 
-def test_a_users_dbus_service_is_not_the_systems(vm, exporter, user_units):
+def test_the_users_init_scope_is_not_the_systems(vm, exporter, user_units):
+    """No user bus here, so no user dbus.service: the user manager's own init.scope (systemd
+    --user and sd-pam) is the unit named like a system one."""
     m = exporter.scrape()
-    [system] = _series(m, "systemd_unit_info", unit="dbus.service", uid=None)
-    [user] = _series(m, "systemd_unit_info", unit="dbus.service", uid=str(UID))
-    assert system.labels["control_group"] == "/system.slice/dbus.service"
-    assert user.labels["control_group"] == _user_show(vm, "dbus.service", "ControlGroup")["ControlGroup"]
-    # both have their own cgroup figures on v2
-    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") > 0
-    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=str(UID), type="cgroup_usage") > 0
+    [system] = _series(m, "systemd_unit_info", unit="init.scope", uid=None)
+    [user] = _series(m, "systemd_unit_info", unit="init.scope", uid=str(UID))
+    assert system.labels["control_group"] == "/init.scope"
+    assert user.labels["control_group"] == _user_show(vm, "init.scope", "ControlGroup")["ControlGroup"] \
+        == f"{MANAGER_CGROUP}/init.scope"
+    # both have their own cgroup figures on v2, and they differ
+    system_usage = _one(m, "systemd_unit_memory_bytes", unit="init.scope", uid=None, type="cgroup_usage")
+    user_usage = _one(m, "systemd_unit_memory_bytes", unit="init.scope", uid=str(UID), type="cgroup_usage")
+    assert system_usage > 0 and user_usage > 0 and system_usage != user_usage
+    procs = vm.read_text(f"/sys/fs/cgroup{MANAGER_CGROUP}/init.scope/cgroup.procs").split()
+    assert _one(m, "systemd_unit_processes", unit="init.scope", uid=str(UID)) == len(procs) >= 1
 
 
 def test_user_units_are_inside_their_manager(vm, exporter, user_units):
@@ -140,9 +160,9 @@ def test_user_units_are_inside_their_manager(vm, exporter, user_units):
 
 def test_series_vanish_when_the_user_unit_stops(vm, exporter, user_units):
     unit = "th-user-short.service"
-    started = vm.run(["systemd-run", "--user", f"--machine={USER}@", "--quiet", "--collect", f"--unit={unit}",
-                      "-p", "Type=notify", "--", "python3", "-c", PAYLOAD, "anon", "5"], timeout=120)
+    started = vm.run(_as_user("systemd-run", "--user", "--quiet", "--collect", f"--unit={unit}",
+                              "-p", "Type=notify", "--", "python3", "-c", PAYLOAD, "anon", "5"), timeout=120)
     assert started.returncode == 0, started.stderr
     assert _series(exporter.next_sample(), "systemd_unit_info", unit=unit, uid=str(UID))
-    vm.run(["systemctl", "--user", f"--machine={USER}@", "stop", unit], check=True)
+    vm.run(_as_user("systemctl", "--user", "stop", unit), check=True)
     assert not _series(exporter.next_sample(), "systemd_unit_info", unit=unit)
