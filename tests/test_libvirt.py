@@ -76,6 +76,7 @@ def _assert_usage_is_memory_current(host, exporter, units) -> None:
         for unit in units:
             current = int(host.show(unit, "MemoryCurrent")["MemoryCurrent"])
             usage = m.value("systemd_unit_memory_bytes", unit=unit, type="cgroup_usage")
+            print(f"{unit}: cgroup_usage={usage:.0f} MemoryCurrent={current}")
             if usage != pytest.approx(current, rel=0.02):
                 mismatched[unit] = (usage, current)
         if not mismatched:
@@ -86,6 +87,8 @@ def _assert_usage_is_memory_current(host, exporter, units) -> None:
 def _assert_rss_is_proc_sums(host, exporter, unit: str) -> None:
     expected = _proc_sums(host, unit)
     m = exporter.scrape()
+    print(f"{unit}: /proc {expected}, exporter "
+          + str({t: int(m.value("systemd_unit_memory_bytes", unit=unit, type=t)) for t in ("rss_anon", "rss_file", "rss_shmem")}))
     assert m.value("systemd_unit_processes", unit=unit) == expected["processes"]
     for kind in ("rss_anon", "rss_file", "rss_shmem"):
         assert m.value("systemd_unit_memory_bytes", unit=unit, type=kind) == pytest.approx(

@@ -130,6 +130,8 @@ def test_user_unit_figures_match_systemctl_user_and_proc(testhost, exporter, use
         script = proc_sums_script(f"/sys/fs/cgroup/unified{show['ControlGroup']}")
         expected = {k: int(v) for k, v in (x.split("=") for x in testhost.run(["python3", "-c", script]).stdout.split())}
         m = exporter.scrape()
+        print(f"{unit} uid={UID}: MemoryCurrent={show['MemoryCurrent']}, /proc {expected}, exporter "
+              + str({s.labels['type']: int(s.value) for s in _series(m, 'systemd_unit_memory_bytes', unit=unit)}))
         assert _one(m, "systemd_unit_processes", unit=unit, uid=str(UID)) == expected["processes"]
         for kind in ("rss_anon", "rss_file", "rss_shmem"):
             assert _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type=kind) == pytest.approx(

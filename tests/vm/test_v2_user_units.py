@@ -104,6 +104,7 @@ def test_user_unit_usage_equals_systemctl_user_and_memory_current(vm, exporter, 
             show = _user_show(vm, unit, "MemoryCurrent", "ControlGroup")
             kernel = int(vm.read_text(f"/sys/fs/cgroup{show['ControlGroup']}/memory.current"))
             usage = _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="cgroup_usage")
+            print(f"{unit} uid={UID}: cgroup_usage={usage:.0f} MemoryCurrent={show['MemoryCurrent']} memory.current={kernel}")
             if not (usage == pytest.approx(int(show["MemoryCurrent"]), rel=0.02) and usage == pytest.approx(kernel, rel=0.02)):
                 mismatched[unit] = (usage, show["MemoryCurrent"], kernel)
         if not mismatched:
@@ -121,6 +122,8 @@ def test_user_unit_rss_equals_proc_sums(vm, exporter, user_units):
         sums = vm.run(["python3", "-c", proc_sums_script(f"/sys/fs/cgroup{group}")], check=True).stdout
         expected = {k: int(v) for k, v in (x.split("=") for x in sums.split())}
         m = exporter.scrape()
+        print(f"{unit} uid={UID}: /proc {expected}, exporter "
+              + str({s.labels['type']: int(s.value) for s in _series(m, 'systemd_unit_memory_bytes', unit=unit)}))
         assert _one(m, "systemd_unit_processes", unit=unit, uid=str(UID)) == expected["processes"]
         for kind in ("rss_anon", "rss_file", "rss_shmem"):
             assert _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type=kind) == pytest.approx(
