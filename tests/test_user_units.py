@@ -259,3 +259,19 @@ def test_a_user_unit_named_like_a_system_unit_keeps_its_own_figures():
     assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") == system.memory.usage
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def test_explain_names_a_user_unit_and_why_it_has_no_cgroup_figures():
+    from exporter.explain import explain_unit
+    from exporter.procfs import ProcessTotals
+    from exporter.snapshot import UnitSample
+    from exporter.systemd import Unit
+
+    unit = Unit("x.service", "service", "active", "", f"{MANAGER}/app.slice/x.service", 1500)
+    text = explain_unit(UnitSample(unit, ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None))
+    assert text.splitlines()[0] == f"x.service (uid 1500)  (active, 1 process, cgroup {MANAGER}/app.slice/x.service)"
+    assert "no memory controller" in text and "MemoryCurrent [not set]" in text
+    system = explain_unit(UnitSample(Unit("x.service", "service", "active", "running", "/system.slice/x.service"),
+                                     ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None))
+    assert system.splitlines()[0].startswith("x.service  (active/running, 1 process")
+    assert "MemoryAccounting=no" in system
