@@ -419,6 +419,28 @@ def user_payload(host: TestHost, user: str, unit: str, mode: str, *args: object,
     return unit
 
 
+def user_scope(host: TestHost, user: str, uid: int, unit: str, slice: str = "user.slice", mib: int = 20,
+               timeout: float = 30) -> str:
+    """A transient scope in USER's own manager, the way rootless podman makes one
+    (user@UID.service/user.slice/libpod-<id>.scope): `systemd-run --user --scope` run as the
+    user (a scope cannot be made through -M's bridge: its process must be the caller)."""
+    ready = host.exchange_dir / f"{unit}.ready"
+    ready.unlink(missing_ok=True)
+    proc = host.popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups",
+                       "systemd-run", "--user", "--quiet", "--scope", f"--unit={unit}", f"--slice={slice}",
+                       "--", "/usr/bin/python3", "-c", PAYLOAD, "anon", str(mib)],
+                      env={"READY_FILE": str(ready), "XDG_RUNTIME_DIR": f"/run/user/{uid}"},
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout, f"{user}'s {unit} to hold {mib} MiB")
+    except HostError:
+        proc.kill()
+        raise
+    if proc.poll() is not None:
+        raise HostError(f"starting {user}'s {unit} failed: {proc.stderr.read()}")
+    return unit
+
+
 def stop_user_units(host: TestHost, user: str, units: Iterable[str]) -> None:
     units = list(units)
     if units:
