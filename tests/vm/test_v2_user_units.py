@@ -1,4 +1,4 @@
-"""Every user's own units on cgroup v2, in the QEMU guest: a real user (useradd), its user
+"""Every user's own units, and container-style scopes, on cgroup v2 in the QEMU guest: a real user (useradd), its user
 manager started the way logind starts it, units started with `systemd-run --user` as the user.
 
 The guest image has no logind and no dbus-user-session, so there is no user bus for
@@ -9,15 +9,19 @@ user instead, and reach the user manager on its private socket
 On v2 systemd 252's user@.service has Delegate=pids memory cpu, so the user's units have
 their own memory.current: they get cgroup figures as well as RSS, each checked against
 `systemctl --user show`, the cgroup files and /proc in the guest. The v1/hybrid
-counterpart (RSS only, MemoryCurrent [not set]) is tests/test_user_units.py.
+counterpart (RSS only, MemoryCurrent [not set]) is tests/test_user_units.py. Scopes named
+like podman's and docker's are made with `systemd-run --scope`, as in tests/test_libvirt.py.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from tests.testhost.workloads import PAYLOAD, USER_MANAGER_DROPIN
 from tests.truth import MiB, Scrape, proc_sums_script
 
+from .guest import wait_until
 from .test_v2_truth import INTERVAL, GuestExporter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm]
@@ -169,3 +173,53 @@ def test_series_vanish_when_the_user_unit_stops(vm, exporter, user_units):
     assert _series(exporter.next_sample(), "systemd_unit_info", unit=unit, uid=str(UID))
     vm.run(_as_user("systemctl", "--user", "stop", unit), check=True)
     assert not _series(exporter.next_sample(), "systemd_unit_info", unit=unit)
+
+
+# --------------------------------------------------------------------------- container scopes
+SCOPE_START = (
+    # systemd-run --scope runs its command in the foreground: detach it from the agent's pipes.
+    'setsid systemd-run --quiet --scope --unit="$1" --slice="$2" -p MemoryAccounting=yes '
+    '-- python3 -c "$0" anon "$3" </dev/null >/dev/null 2>&1 &'
+)
+
+
+@pytest.fixture(scope="module")
+def container_scopes(vm):
+    scopes = {"podman": (f"libpod-{os.urandom(32).hex()}.scope", "machine.slice", 30),
+              "docker": (f"docker-{os.urandom(32).hex()}.scope", "system.slice", 40)}
+    for unit, slice_name, mib in scopes.values():
+        ready = f"/run/{unit}.ready"
+        vm.run(["env", f"READY_FILE={ready}", "sh", "-c", SCOPE_START, PAYLOAD, unit, slice_name, str(mib)], check=True)
+        wait_until(lambda: vm.exists(ready), 60, what=f"{unit} to hold {mib} MiB")
+    yield scopes
+    vm.run(["systemctl", "stop", *(unit for unit, _, _ in scopes.values())])
+
+
+def test_container_scopes_are_reported_like_services(vm, exporter, container_scopes):
+    mismatched = {}
+    for _attempt in range(5):
+        m = exporter.next_sample()
+        mismatched = {}
+        for runtime, (unit, slice_name, mib) in container_scopes.items():
+            [info] = _series(m, "systemd_unit_info", unit=unit, uid=None)
+            assert info.labels["unit_type"] == "scope"
+            assert info.labels["control_group"] == f"/{slice_name}/{unit}" == vm.unit_property(unit, "ControlGroup")
+            assert _one(m, "systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= mib * MiB
+            assert _one(m, "systemd_unit_memory_stat_bytes", unit=unit, item="anon") >= mib * MiB
+            usage = _one(m, "systemd_unit_memory_bytes", unit=unit, type="cgroup_usage")
+            current = int(vm.unit_property(unit, "MemoryCurrent"))
+            print(f"{unit}: cgroup_usage={usage:.0f} MemoryCurrent={current}")
+            if usage != pytest.approx(current, rel=0.02):
+                mismatched[unit] = (usage, current)
+        if not mismatched:
+            break
+    assert not mismatched, f"cgroup_usage differs from MemoryCurrent by more than 2 % five times: {mismatched}"
+    for unit, _, _ in container_scopes.values():
+        group = vm.unit_property(unit, "ControlGroup")
+        sums = vm.run(["python3", "-c", proc_sums_script(f"/sys/fs/cgroup{group}")], check=True).stdout
+        expected = {k: int(v) for k, v in (x.split("=") for x in sums.split())}
+        m = exporter.scrape()
+        assert _one(m, "systemd_unit_processes", unit=unit) == expected["processes"] == 1
+        for kind in ("rss_anon", "rss_file", "rss_shmem"):
+            assert _one(m, "systemd_unit_memory_bytes", unit=unit, type=kind) == pytest.approx(
+                expected[kind], rel=0.02, abs=256 * 1024), (unit, kind)
