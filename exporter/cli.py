@@ -191,7 +191,8 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     def discover() -> DiscoveryResult:
         try:
-            return DiscoveryResult(discovery.refresh(), True, "", None, discovery.transport)
+            units = discovery.refresh()
+            return DiscoveryResult(units, True, "", None, discovery.transport, tree_failures=tuple(discovery.tree_failures))
         except DiscoveryError as e:
             return DiscoveryResult((), False, str(e), None, "none", "unavailable")
 

@@ -78,7 +78,8 @@ class DiscoveryProcess:
             log.info("systemd is reachable again over the %s", reply["transport"].replace("_", " "))
             self._logged_down = False
         self._result = DiscoveryResult(
-            tuple(Unit(*fields) for fields in reply["units"]), True, "", time.time(), reply["transport"]
+            tuple(Unit(*fields) for fields in reply["units"]), True, "", time.time(), reply["transport"],
+            tree_failures=tuple(tuple(f) for f in reply.get("tree_failures", ())),
         )
         return self._result
 
@@ -151,7 +152,8 @@ def serve(config: dict) -> None:
     for _request in sys.stdin.buffer:
         try:
             units = discovery.refresh()
-            reply = {"ok": True, "transport": discovery.transport, "units": [astuple(u) for u in units]}
+            reply = {"ok": True, "transport": discovery.transport, "units": [astuple(u) for u in units],
+                     "tree_failures": discovery.tree_failures}
         except DiscoveryError as e:
             reply = {"ok": False, "transport": discovery.transport, "error": str(e)}
         sys.stdout.write(json.dumps(reply, separators=(",", ":")) + "\n")

@@ -68,6 +68,8 @@ class Sampler:
         phase("discovery")
 
         cycle = CycleErrors(self.errors)
+        for reason, where, message in found.tree_failures:  # the user-unit walk's, in discovery
+            cycle.error("cgroup", reason, where, message)
         layout = detect_layout(self.config.cgroupfs)
         reader = CgroupReader(layout, cycle)
         # Keyed by Unit.key: a user's dbus.service is not the system's.

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from .kernelfiles import VANISHED, describe, failure_reason
 from .records import record
 
 log = logging.getLogger(__name__)
@@ -115,23 +116,20 @@ def user_units_in_tree(manager_cgroup: str, uid: int, subdirectories: Callable[[
     return units
 
 
-def cgroup_subdirectories(root: str) -> Callable[[str], list[str]]:
+def cgroup_subdirectories(root: str, failures: list[tuple[str, str, str]]) -> Callable[[str], list[str]]:
     """The reader for user_units_in_tree: child directories of root + cgroup. A cgroup that
-    went away meanwhile (the user logged out) has none."""
+    went away meanwhile (the user logged out) has none; one that cannot be listed has none
+    either, and is appended to ``failures`` as (reason, path, message) for the sampler to
+    count as errors_total{source="cgroup"} (this runs in the discovery child)."""
     def subdirectories(cgroup: str) -> list[str]:
         try:
             return [e.name for e in os.scandir(root + cgroup) if e.is_dir(follow_symlinks=False)]
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        except OSError as e:  # unreadable: that manager's units are missing, the rest stay
-            if (cgroup, e.errno) not in _logged_tree_errors:
-                _logged_tree_errors.add((cgroup, e.errno))
-                log.warning("cannot list user units below %s%s: %s", root, cgroup, e.strerror or e)
+        except OSError as e:
+            reason = failure_reason(e)
+            if reason != VANISHED:
+                failures.append((reason, root + cgroup, describe(e)))
             return []
     return subdirectories
-
-
-_logged_tree_errors: set[tuple[str, int | None]] = set()  # each unreadable cgroup logged once
 
 
 @record
@@ -195,6 +193,8 @@ class DiscoveryResult:
     # Why it failed, as errors_total{source="dbus"} counts it: "timeout" (no answer in time)
     # or "unavailable" (no bus or systemd, or an error reply). "" when ok.
     failure: str = ""
+    # (reason, path, message) of cgroup directories the user-unit walk could not list.
+    tree_failures: tuple[tuple[str, str, str], ...] = ()
 
 
 class DiscoveryError(Exception):
@@ -213,6 +213,7 @@ class Discovery:
         self.unit_filter = unit_filter
         self.private_socket = private_socket
         self.user_units_root = user_units_root
+        self.tree_failures: list[tuple[str, str, str]] = []  # of the latest refresh
         self.transport = "none"  # "system_bus", "private_socket" or "none"
         self._bus = None
         # name -> ((active, sub), control group): refetched only when the state pair changes.
@@ -294,8 +295,9 @@ class Discovery:
                     managers.append((uid, cached[1]))
             for gone in self._cgroup_cache.keys() - seen:
                 del self._cgroup_cache[gone]
+            self.tree_failures = []
             if managers:
-                subdirectories = cgroup_subdirectories(self.user_units_root)
+                subdirectories = cgroup_subdirectories(self.user_units_root, self.tree_failures)
                 for uid, cgroup in managers:
                     units.extend(user_units_in_tree(cgroup, uid, subdirectories, self.unit_filter))
             return tuple(units)

@@ -289,3 +289,32 @@ def test_explain_names_a_user_unit_and_why_it_has_no_cgroup_figures():
                                      ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None))
     assert system.splitlines()[0].startswith("x.service  (active/running, 1 process")
     assert "MemoryAccounting=no" in system
+
+
+def test_a_cgroup_the_walk_cannot_list_is_counted_not_fatal(tmp_path):
+    """The walk's reader maps errno at the error boundary: gone is nothing, anything else is a
+    failure the sampler counts as errors_total{source="cgroup"}; the other units stay."""
+    from exporter.systemd import DiscoveryResult, cgroup_subdirectories
+    from tests.test_sampler import FIXTURES, load_units
+
+    (tmp_path / "m" / "app.slice" / "x.service").mkdir(parents=True)
+    # As root nothing is unreadable: a file where a directory should be fails with ENOTDIR.
+    (tmp_path / "m" / "broken.slice").write_text("not a directory")
+    failures: list = []
+    listing = cgroup_subdirectories(str(tmp_path), failures)
+    assert [u.name for u in user_units_in_tree("/m", 1500, listing, UnitFilter.build())] == ["app.slice", "x.service"]
+    assert listing("/gone") == [] and not failures  # vanished: missing data, not an error
+    assert listing("/m/broken.slice") == []
+    assert len(failures) == 1 and failures[0][0] == "io" and failures[0][1].endswith("/m/broken.slice")
+
+    from exporter.render import render
+    from exporter.sampler import Sampler, SamplerConfig
+    from tests.truth import Scrape
+
+    tree = FIXTURES / "v2"
+    found = DiscoveryResult(load_units(tree), True, "", 1.0, "system_bus", tree_failures=tuple(failures))
+    sampler = Sampler(SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup")), lambda: found)
+    m = Scrape.parse(render(sampler.sample()).decode())
+    assert m.value("systemd_memory_exporter_errors_total", source="cgroup", reason="io") == 1
+    assert m.value("systemd_memory_exporter_source_up", source="cgroup") == 0
+    assert m.value("systemd_unit_memory_bytes", unit="dbus.service", type="cgroup_usage") > 0
