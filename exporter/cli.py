@@ -107,6 +107,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--systemd.private-socket", dest="private_socket", default=DEFAULT_PRIVATE_SOCKET, metavar="PATH",
         help="systemd's own socket, used when no D-Bus daemon answers (default %(default)s)",
     )
+    # On by default, like node_exporter's default collectors; --no-collector.user-units turns
+    # it off. Read from the cgroup tree, not the users' buses (exporter/systemd.py says why).
+    parser.add_argument(
+        "--collector.user-units", dest="user_units", action=argparse.BooleanOptionalAction, default=True,
+        help="also report the units of every running user manager (user@UID.service), labelled uid (default: on)",
+    )
     parser.add_argument(
         "--log.level", dest="log_level", default="info", choices=("debug", "info", "warn", "error"),
         help="log level (default %(default)s)",
@@ -199,11 +205,12 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     _setup_logging(args.log_level if args.log_level != "info" else "warn")
     if args.top < 1:
         parser.error("--top must be at least 1")
-    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout)
+    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout, _user_units_root(args))
 
     def discover() -> DiscoveryResult:
         try:
-            return DiscoveryResult(discovery.refresh(), True, "", None, discovery.transport)
+            units = discovery.refresh()
+            return DiscoveryResult(units, True, "", None, discovery.transport, tree_failures=tuple(discovery.tree_failures))
         except DiscoveryError as e:
             return DiscoveryResult((), False, str(e), None, "none", "unavailable")
 
@@ -218,6 +225,16 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(f"systemd-memory-exporter: no loaded unit with a control group named: {', '.join(missing)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _user_units_root(args: argparse.Namespace) -> str | None:
+    """The hierarchy in which systemd names units (user managers' too), or None without
+    --collector.user-units or without any such hierarchy."""
+    if not args.user_units:
+        return None
+    from .cgroupfs import detect_layout
+
+    return detect_layout(args.cgroupfs).procs_root
 
 
 def _return_big_buffers_to_the_kernel() -> None:
@@ -259,7 +276,8 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         except WebConfigError as e:
             print(f"systemd-memory-exporter: --web.config.file: {e}", file=sys.stderr)
             return 1
-    discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout)
+    discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout,
+                                 _user_units_root(args))
     config = SamplerConfig(args.procfs, args.cgroupfs, args.interval, args.pss, args.pss_budget, args.pss_max_rss)
     loop = SampleLoop(config, discovery, args.dbus_timeout)
     try:

@@ -79,7 +79,8 @@ def parse_statm_resident(data: bytes) -> int:
 
 @dataclass
 class PssResult:
-    """One cycle: unit name -> (pss, uss) bytes, or None where absent this cycle."""
+    """One cycle: Unit.key (the name; a user's unit also names its uid) -> (pss, uss) bytes,
+    or None where absent this cycle."""
 
     values: dict[str, tuple[int, int] | None]
     read: int = 0  # smaps_rollup files read this cycle
@@ -129,7 +130,7 @@ class PssCollector:
             (u for u in units if u.control_group),
             key=lambda u: self._key(u),
         )
-        result = PssResult({u.name: None for u in order})
+        result = PssResult({u.key: None for u in order})
         if procs_root is None or not order:
             return result
         start = 0
@@ -163,7 +164,7 @@ class PssCollector:
             outcomes = [processes[pid] for pid in pids]
             if any(outcome is _SKIPPED for outcome in outcomes):
                 continue
-            result.values[unit.name] = (
+            result.values[unit.key] = (
                 sum(outcome.pss for outcome in outcomes),
                 sum(outcome.uss for outcome in outcomes),
             )
@@ -173,7 +174,7 @@ class PssCollector:
 
     @staticmethod
     def _key(unit: Unit) -> tuple[int, str]:
-        return (-unit.control_group.count("/"), unit.name)
+        return (-unit.control_group.count("/"), unit.key)
 
     def _read(self, pid: int, result: PssResult) -> Rollup | str:
         try:

@@ -105,11 +105,14 @@ def unit_families(snapshot: Snapshot) -> list[Family]:
     processes = Family(UNIT_PROCESSES, "gauge", "Processes in the unit's cgroup subtree (cgroup.procs)." + sampled)
     info = Family(
         UNIT_INFO, "gauge",
-        "1 for every unit reported, with its unit type, states and control group (systemd over D-Bus)." + sampled,
+        "1 for every unit reported, with its unit type, states and control group (systemd over D-Bus). "
+        "Units of a user manager (user@UID.service) carry uid and an empty sub_state: they are found in "
+        "its cgroup tree." + sampled,
     )
     for sample in snapshot.units:
         u = sample.unit
-        unit = f'unit="{label_value(u.name)}"'
+        # uid only on a user manager's units; it sorts between sub_state/type and unit.
+        unit = (f'uid="{u.uid}",' if u.uid is not None else "") + f'unit="{label_value(u.name)}"'
         info.add(
             f'active_state="{label_value(u.active_state)}",control_group="{label_value(u.control_group)}",'
             f'sub_state="{label_value(u.sub_state)}",{unit},unit_type="{label_value(u.type)}"',

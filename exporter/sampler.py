@@ -68,9 +68,12 @@ class Sampler:
         phase("discovery")
 
         cycle = CycleErrors(self.errors)
+        for reason, where, message in found.tree_failures:  # the user-unit walk's, in discovery
+            cycle.error("cgroup", reason, where, message)
         layout = detect_layout(self.config.cgroupfs)
         reader = CgroupReader(layout, cycle)
-        memories = {u.name: reader.memory(u.control_group) for u in found.units}
+        # Keyed by Unit.key: a user's dbus.service is not the system's.
+        memories = {u.key: reader.memory(u.control_group) for u in found.units}
         phase("cgroup")
 
         walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle)
@@ -85,10 +88,10 @@ class Sampler:
         units = []
         for unit in found.units:
             processes = totals.get(unit.control_group)
-            memory = memories[unit.name]
+            memory = memories[unit.key]
             if processes is None and memory is None:
                 continue  # the cgroup is gone: the unit stopped since discovery
-            pss_uss = pss.get(unit.name) or (None, None)
+            pss_uss = pss.get(unit.key) or (None, None)
             units.append(UnitSample(unit, processes or ProcessTotals(), memory, *pss_uss))
         cgroup_ok = layout.memory_root is not None and not cycle.failed["cgroup"]
         sources["cgroup"] = self._health("cgroup", cgroup_ok, _layout_message(layout), started_wall)
@@ -101,7 +104,7 @@ class Sampler:
             taken_at=started_wall,
             interval=self.config.interval,
             layout=layout,
-            units=tuple(sorted(units, key=lambda s: s.unit.name)),
+            units=tuple(sorted(units, key=lambda s: (s.unit.name, -1 if s.unit.uid is None else s.unit.uid))),
             phase_seconds=MappingProxyType(phases),
             cpu_seconds=time.thread_time() - started_cpu,
             sources=MappingProxyType(sources),

@@ -35,4 +35,7 @@ apt-get install -y -q --no-install-recommends \
   dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
   python3-build python3-installer fakeroot lintian help2man \
   rpm python3-rpm cpio
+# libvirt for tests/test_libvirt.py: libvirtd runs inside the test host (the policy-rc.d guard
+# above keeps it from starting on this machine); qemu-system-x86 above is its emulator.
+apt-get install -y -q --no-install-recommends libvirt-daemon-system libvirt-clients
 python3 -m pip install -q -e "$(dirname "$0")/..[test]"
