@@ -147,7 +147,7 @@ def explain_unit(sample: UnitSample) -> str:
 
 
 def explain_text(r: Reconciliation) -> str:
-    name = r.unit if r.uid is None else f"{r.unit} (uid {r.uid})"  # as Unit.key spells it (users branch)
+    name = r.unit if r.uid is None else f"{r.unit} (uid {r.uid})"  # as Unit.key spells it
     state = f"{r.active_state}/{r.sub_state}" if r.sub_state else r.active_state
     lines = [
         f"{name}  ({state}, {r.processes} process{'es' if r.processes != 1 else ''}, cgroup {r.control_group})"
