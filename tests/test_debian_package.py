@@ -4,7 +4,8 @@ lintian finds no errors, and it is installed for real: `apt install ./….deb` i
 python3-pystemd and python3-prometheus-client from the Debian archive as a user's apt would.
 The package's postinst creates the user and enables and starts the unit; the test checks the
 running service (sandboxed, Debian's python3 and pystemd, /metrics with units), reloads its
-web config, then removes and purges the package and checks that nothing is left.
+web config, then removes and purges the package and checks that nothing is left (but the system
+user, which Debian packages leave in place; no file belongs to it).
 
 The host's root is an overlay of this machine's / on a tmpfs: apt's writes stay in the host.
 tests/prerequisites.sh (and the README) keep daemons from starting on this machine with a
@@ -15,6 +16,7 @@ would never start the service, so it is removed inside the host (an overlay whit
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 import socket
@@ -85,8 +87,6 @@ def _control(deb: Path) -> dict[str, str]:
 def _files(deb: Path) -> dict[str, bytes]:
     """Regular files of the package: path -> content."""
     tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
-    import io
-
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         return {m.name.lstrip("."): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
 
