@@ -262,6 +262,16 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     _wait(lambda: _get(port, "prometheus:second")[0] == 200, "the reloaded password", host)
     assert _get(port, "prometheus:first")[0] == 401
     assert host.show(UNIT, "MainPID")["MainPID"] == pid and host.systemctl("is-active", UNIT).strip() == "active"
+
+    # An upgrade (here: the same version again) restarts the service and keeps the admin's flags.
+    step("reinstall")
+    host.run(["apt", "install", "-y", "-q", "--reinstall", "-o", "Dpkg::Options::=--force-confold", f"./{deb.name}"],
+             cwd=host.exchange_dir, env=apt_env, timeout=300)
+    _wait(lambda: host.systemctl("is-active", UNIT, check=False).strip() == "active", "the unit active again", host)
+    assert host.show(UNIT, "MainPID")["MainPID"] != pid, "not restarted by the upgrade"
+    assert "--web.config.file" in host.path(f"/etc/default/{PACKAGE}").read_text()
+    _wait(lambda: _get(port, "prometheus:second")[0] == 200, "/metrics after the upgrade", host)
+    pid = host.show(UNIT, "MainPID")["MainPID"]
     host.run(["rm", "-r", f"/etc/{PACKAGE}"])  # the admin's own file: purge leaves those alone
 
     step("reloaded")
