@@ -30,6 +30,6 @@ apt-get install -y -q --no-install-recommends \
 # it), and python3-rpm, the bindings rpmlint (from PyPI, in the test extra) loads.
 apt-get install -y -q --no-install-recommends \
   dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-  python3-build python3-installer fakeroot lintian help2man \
+  python3-build python3-installer lintian help2man \
   rpm python3-rpm cpio
 python3 -m pip install -q -e "$(dirname "$0")/..[test]"
