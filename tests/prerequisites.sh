@@ -25,9 +25,10 @@ apt-get install -y -q --no-install-recommends \
   qemu-system-x86 linux-image-amd64 debootstrap e2fsprogs \
   strace prometheus-node-exporter prometheus-process-exporter
 # Packaging (tests/test_debian_package.py, tests/test_rpm.py): the .deb built with
-# dpkg-buildpackage (dh + pybuild; help2man writes the manual page) and checked by lintian; the RPM spec built with rpmbuild
-# (python3-build and python3-installer stand in for Fedora's pyproject macros, cpio unpacks
-# it), and python3-rpm, the bindings rpmlint (from PyPI, in the test extra) loads.
+# dpkg-buildpackage (dh + pybuild; help2man writes the manual page) and checked by lintian;
+# the RPM spec built with rpmbuild (python3-build and python3-installer stand in for Fedora's
+# pyproject macros, cpio unpacks the result), and python3-rpm, the bindings that rpmlint
+# (from PyPI, in the test extra) loads.
 apt-get install -y -q --no-install-recommends \
   dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
   python3-build python3-installer lintian help2man \
