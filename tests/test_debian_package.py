@@ -183,6 +183,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
 
     def step(what: str) -> None:  # progress in the CI log (pytest -s or on failure)
         print(f"[{time.monotonic() - started:5.1f} s] {what}", flush=True)
+
     machine_policy = Path("/usr/sbin/policy-rc.d").exists()
     host.run(["rm", "-f", "/usr/sbin/policy-rc.d"])
     assert not host.path("/usr/sbin/policy-rc.d").exists()
