@@ -280,6 +280,18 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                                  _user_units_root(args))
     config = SamplerConfig(args.procfs, args.cgroupfs, args.interval, args.pss, args.pss_budget, args.pss_max_rss)
     loop = SampleLoop(config, discovery, args.dbus_timeout)
+    server = None
+
+    def reload(_signum, _frame):  # systemctl reload (the unit's ExecReload)
+        if web_config_file is None or server is None:
+            log.info("received SIGHUP: %s, nothing to reload", "not serving yet" if server is None else "no --web.config.file")
+            return
+        # Off the main thread: reading the file and bcrypt's decoy hash take a while.
+        threading.Thread(target=web_config_file.reload, args=(lambda c: setattr(server, "web_config", c),),
+                         name="reload", daemon=True).start()
+
+    # Before the port opens: SIGHUP's default action would end the process.
+    signal.signal(signal.SIGHUP, reload)
     try:
         server = serve(loop, args.listen, args.telemetry_path, web_config_file and web_config_file.config,
                        args.grafana_url)
@@ -300,19 +312,10 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         log.info("received %s, shutting down", signal.Signals(signum).name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
-    def reload(_signum, _frame):  # systemctl reload (the unit's ExecReload)
-        if web_config_file is None:
-            log.info("received SIGHUP: no --web.config.file, nothing to reload")
-            return
-        # Off the main thread: reading the file and bcrypt's decoy hash take a while.
-        threading.Thread(target=web_config_file.reload, args=(lambda c: setattr(server, "web_config", c),),
-                         name="reload", daemon=True).start()
-
     if web_config_file is not None:
         server.self_registry.register(web_config_file)
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    signal.signal(signal.SIGHUP, reload)
     try:
         server.serve_forever()
     finally:

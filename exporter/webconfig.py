@@ -205,7 +205,8 @@ class WebConfigFile:
                 return False
             self.config, self.last_reload_ok = config, True
             apply(config)
-            log.info("reloaded --web.config.file %s; new connections use it", self.path)
+            log.info("reloaded --web.config.file %s: its TLS settings for new connections, its passwords and "
+                     "headers for every request", self.path)
             return True
 
     def collect(self) -> Iterator:

@@ -28,12 +28,13 @@ apt-get install -y -q --no-install-recommends \
 # chromium: headless, it loads the exporter's landing page in tests/test_page_browser.py
 apt-get install -y -q --no-install-recommends chromium
 # Packaging (tests/test_debian_package.py, tests/test_rpm.py): the .deb built with
-# dpkg-buildpackage (dh + pybuild; help2man writes the manual page) and checked by lintian; the RPM spec built with rpmbuild
-# (python3-build and python3-installer stand in for Fedora's pyproject macros, cpio unpacks
-# it), and python3-rpm, the bindings rpmlint (from PyPI, in the test extra) loads.
+# dpkg-buildpackage (dh + pybuild; help2man writes the manual page) and checked by lintian;
+# the RPM spec built with rpmbuild (python3-build and python3-installer stand in for Fedora's
+# pyproject macros, cpio unpacks the result), and python3-rpm, the bindings that rpmlint
+# (from PyPI, in the test extra) loads.
 apt-get install -y -q --no-install-recommends \
   dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-  python3-build python3-installer fakeroot lintian help2man \
+  python3-build python3-installer lintian help2man \
   rpm python3-rpm cpio
 # libvirt for tests/test_libvirt.py: libvirtd runs inside the test host (the policy-rc.d guard
 # above keeps it from starting on this machine); qemu-system-x86 above is its emulator.

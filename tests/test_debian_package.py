@@ -4,7 +4,8 @@ lintian finds no errors, and it is installed for real: `apt install ./….deb` i
 python3-pystemd and python3-prometheus-client from the Debian archive as a user's apt would.
 The package's postinst creates the user and enables and starts the unit; the test checks the
 running service (sandboxed, Debian's python3 and pystemd, /metrics with units), reloads its
-web config, then removes and purges the package and checks that nothing is left.
+web config, then removes and purges the package and checks that nothing is left (but the system
+user, which Debian packages leave in place; no file belongs to it).
 
 The host's root is an overlay of this machine's / on a tmpfs: apt's writes stay in the host.
 tests/prerequisites.sh (and the README) keep daemons from starting on this machine with a
@@ -15,6 +16,7 @@ would never start the service, so it is removed inside the host (an overlay whit
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 import socket
@@ -85,8 +87,6 @@ def _control(deb: Path) -> dict[str, str]:
 def _files(deb: Path) -> dict[str, bytes]:
     """Regular files of the package: path -> content."""
     tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
-    import io
-
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         return {m.name.lstrip("."): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
 
@@ -183,6 +183,7 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
 
     def step(what: str) -> None:  # progress in the CI log (pytest -s or on failure)
         print(f"[{time.monotonic() - started:5.1f} s] {what}", flush=True)
+
     machine_policy = Path("/usr/sbin/policy-rc.d").exists()
     host.run(["rm", "-f", "/usr/sbin/policy-rc.d"])
     assert not host.path("/usr/sbin/policy-rc.d").exists()
@@ -262,6 +263,16 @@ def test_apt_install_starts_the_packaged_unit_and_purge_leaves_nothing(deb, debh
     _wait(lambda: _get(port, "prometheus:second")[0] == 200, "the reloaded password", host)
     assert _get(port, "prometheus:first")[0] == 401
     assert host.show(UNIT, "MainPID")["MainPID"] == pid and host.systemctl("is-active", UNIT).strip() == "active"
+
+    # An upgrade (here: the same version again) restarts the service and keeps the admin's flags.
+    step("reinstall")
+    host.run(["apt", "install", "-y", "-q", "--reinstall", "-o", "Dpkg::Options::=--force-confold", f"./{deb.name}"],
+             cwd=host.exchange_dir, env=apt_env, timeout=300)
+    _wait(lambda: host.systemctl("is-active", UNIT, check=False).strip() == "active", "the unit active again", host)
+    assert host.show(UNIT, "MainPID")["MainPID"] != pid, "not restarted by the upgrade"
+    assert "--web.config.file" in host.path(f"/etc/default/{PACKAGE}").read_text()
+    _wait(lambda: _get(port, "prometheus:second")[0] == 200, "/metrics after the upgrade", host)
+    pid = host.show(UNIT, "MainPID")["MainPID"]
     host.run(["rm", "-r", f"/etc/{PACKAGE}"])  # the admin's own file: purge leaves those alone
 
     step("reloaded")

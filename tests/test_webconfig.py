@@ -407,6 +407,22 @@ def test_missing_bcrypt_is_a_clear_refusal(pki):
         f"sys.exit(main(['--web.listen-address=127.0.0.1:{_free_port()}', '--web.config.file={config}']))\n"
     )
     assert result.returncode == 1 and "needs the Python package bcrypt" in result.stderr, result.stderr
+    assert "python3-bcrypt" in result.stderr and "systemd-memory-exporter[webconfig]" in result.stderr
+
+
+def test_missing_pyyaml_is_a_clear_refusal(pki):
+    """`pip install .` has neither (they are the webconfig extra): the message says how to get them."""
+    config = pki / "tls-only.yml"
+    config.write_text(TLS)
+    result = _python(
+        "import sys; sys.modules['yaml'] = None\n"
+        "from exporter.cli import main\n"
+        f"sys.exit(main(['--web.listen-address=127.0.0.1:{_free_port()}', '--web.config.file={config}']))\n"
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"--web.config.file: {config}: --web.config.file needs the Python package pyyaml" in result.stderr
+    assert "apt install python3-yaml python3-bcrypt" in result.stderr
+    assert "pip install 'systemd-memory-exporter[webconfig]'" in result.stderr and "Traceback" not in result.stderr
 
 
 # --- reload (SIGHUP, the unit's ExecReload) -----------------------------------------------
