@@ -563,3 +563,12 @@ def test_host_totals_have_the_right_values(need_promtool, tmp_path, layout):
     (tmp_path / "host.test.yml").write_text(yaml.safe_dump(test, allow_unicode=True), encoding="utf-8")
     result = promtool.run("test", "rules", tmp_path / "host.test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@params()
+def test_unit_variable_lists_every_kind_of_unit(path):
+    """VM and container scopes (machine-*.scope, libpod-*.scope, docker-*.scope) are selected like
+    services: the unit variable filters on no unit type or name; the synthetic host above has them."""
+    selector, label = queries.variable_expr(variables(DASHBOARDS[path])["unit"])
+    assert label == "unit" and "unit_type" not in selector and "unit=" not in selector
+    assert {"machine-qemu\\x2d1\\x2dvm1.scope", "libpod-0123abcd.scope"} <= {unit for unit, _ in HOST_UNITS}
