@@ -186,6 +186,11 @@ def test_oom_panel_counts_the_kill_exactly(setup):
     after = prometheus.query(counter, at=end)
     expected = float(after[0]["value"][1]) - (float(before[0]["value"][1]) if before else 0.0)
     assert expected == 1 and total == expected
+    # "Units in trouble" on the overview: the same one kill over the time range, for th-oom.
+    trouble = next(q for q in queries.dashboard_queries({**values_for(exporter, units["oom"]), "__range": "10m"})
+                   if q.panel == "Units in trouble" and q.ref_id == "A")
+    kills = {s["metric"]["unit"]: float(s["value"][1]) for s in prometheus.query(trouble.expr, at=end)}
+    assert kills.get(units["oom"]) == 1, kills
 
 
 RECORDED = {  # per-unit recording rule -> its value from the unit's own series
