@@ -52,7 +52,9 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 # Build requirements of pystemd's sdist (its pyproject.toml), installed by pip's build isolation.
 BUILD_REQUIREMENTS = ["setuptools>=64", "wheel", "cython"]
 IMAGE_SIZE = "2G"
-CACHE_DIR = Path(os.environ.get("SMX_VM_CACHE", "/var/cache/systemd-memory-exporter-vm"))
+# One image per suite, side by side. Not the single-image directory of before
+# (/var/cache/systemd-memory-exporter-vm): that code deleted every entry but its own.
+CACHE_DIR = Path(os.environ.get("SMX_VM_CACHE", "/var/cache/systemd-memory-exporter-guests"))
 HERE = Path(__file__).resolve().parent
 AGENT = HERE / "agent.py"
 GUEST_PROJECT = "/project"  # where the checkout is mounted in the guest
@@ -273,9 +275,11 @@ def build(suite=DEFAULT_SUITE, cache_dir=CACHE_DIR, log=print):
     key = cache_key(kernel, suite)
     entry = cache_dir / f"{suite.name}-{key}"
     image = entry / "rootfs.img"
+    if image.exists():  # complete entries are renamed into place, never written again
+        return image
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time per machine
+    with open(cache_dir / f"{suite.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per suite at a time per machine
         if image.exists():
             return image
         work = cache_dir / f"{suite.name}-{key}.building"
