@@ -67,8 +67,11 @@ def build_exporter_wheel(dest, repo=REPO):
             shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(path, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(dest), str(source)], check=True, capture_output=True)
+    # Build isolation: pyproject.toml's license string needs a newer setuptools than Debian's.
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                            "--wheel-dir", str(dest), str(source)], capture_output=True, text=True)
+    if built.returncode:
+        raise GuestError(f"building the exporter's wheel failed:\n{built.stdout[-3000:]}{built.stderr[-3000:]}")
     shutil.rmtree(source)
     return next(dest.glob("systemd_memory_exporter-*.whl"))
 
