@@ -11,16 +11,19 @@ import re
 import signal
 import sys
 import threading
+import urllib.parse
 
 from . import __version__
-from .systemd import CGROUP_UNIT_TYPES, UnitFilter
+from .sampler import SamplerConfig
+from .systemd import CGROUP_UNIT_TYPES, DEFAULT_DBUS_TIMEOUT, DEFAULT_PRIVATE_SOCKET, UnitFilter
 
 log = logging.getLogger("exporter")
 
 # 9100-9999 (the Prometheus wiki's exporter port range) is fully allocated; this port is
 # outside it and outside the well-known exporter and kubelet ports.
 DEFAULT_LISTEN = ":10073"
-DEFAULT_INTERVAL = 15.0
+# The sampler's defaults (paths, interval, PSS bounds) are SamplerConfig's own.
+DEFAULTS = SamplerConfig()
 
 
 def _interval(text: str) -> float:
@@ -71,10 +74,19 @@ def _types(text: str) -> list[str]:
     return types
 
 
+def _grafana_url(text: str) -> str:
+    if not text:  # the default: no links
+        return ""
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
+        raise argparse.ArgumentTypeError(f"want an http(s) URL of Grafana, e.g. https://grafana.example:3000: {text!r}")
+    return text.rstrip("/")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--path.procfs", dest="procfs", default="/proc", metavar="DIR", help="procfs mount point (default %(default)s)")
+    parser.add_argument("--path.procfs", dest="procfs", default=DEFAULTS.procfs, metavar="DIR", help="procfs mount point (default %(default)s)")
     parser.add_argument(
-        "--path.cgroupfs", dest="cgroupfs", default="/sys/fs/cgroup", metavar="DIR", help="cgroup mount point (default %(default)s)"
+        "--path.cgroupfs", dest="cgroupfs", default=DEFAULTS.cgroupfs, metavar="DIR", help="cgroup mount point (default %(default)s)"
     )
     parser.add_argument(
         "--unit.include", dest="include", type=_regex, default=".+", metavar="REGEX",
@@ -88,12 +100,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated unit types to report (default {','.join(CGROUP_UNIT_TYPES)})",
     )
     parser.add_argument(
-        "--dbus.timeout", dest="dbus_timeout", type=_positive, default=5.0, metavar="SECONDS",
+        "--dbus.timeout", dest="dbus_timeout", type=_positive, default=DEFAULT_DBUS_TIMEOUT, metavar="SECONDS",
         help="timeout of every D-Bus call (default %(default)s)",
     )
     parser.add_argument(
-        "--systemd.private-socket", dest="private_socket", default="/run/systemd/private", metavar="PATH",
+        "--systemd.private-socket", dest="private_socket", default=DEFAULT_PRIVATE_SOCKET, metavar="PATH",
         help="systemd's own socket, used when no D-Bus daemon answers (default %(default)s)",
+    )
+    # On by default, like node_exporter's default collectors; --no-collector.user-units turns
+    # it off. Read from the cgroup tree, not the users' buses (exporter/systemd.py says why).
+    parser.add_argument(
+        "--collector.user-units", dest="user_units", action=argparse.BooleanOptionalAction, default=True,
+        help="also report the units of every running user manager (user@UID.service), labelled uid (default: on)",
     )
     parser.add_argument(
         "--log.level", dest="log_level", default="info", choices=("debug", "info", "warn", "error"),
@@ -122,8 +140,12 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="TLS and basic auth configuration, in the Prometheus exporter-toolkit format (needs pyyaml, bcrypt)",
     )
     serve.add_argument(
-        "--sample.interval", dest="interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
+        "--sample.interval", dest="interval", type=_interval, default=DEFAULTS.interval, metavar="SECONDS",
         help="seconds between samples; 0 samples on each scrape (default %(default)s)",
+    )
+    serve.add_argument(
+        "--web.grafana-url", dest="grafana_url", type=_grafana_url, default="", metavar="URL",
+        help="Grafana that has the shipped dashboards: unit pages link to them (default: no links)",
     )
     # --collector.pss (exporter/pss.py): opt-in, because smaps_rollup holds each process's mmap_lock.
     serve.add_argument(
@@ -131,12 +153,12 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="also export per-unit pss and uss from /proc/PID/smaps_rollup (costly: see --collector.pss.*)",
     )
     serve.add_argument(
-        "--collector.pss.budget", dest="pss_budget", type=_positive, default=2.0, metavar="SECONDS",
+        "--collector.pss.budget", dest="pss_budget", type=_positive, default=DEFAULTS.pss_budget, metavar="SECONDS",
         help="stop reading smaps_rollup after this long in a cycle; the rest of the units wait for the next (default %(default)s)",
     )
     serve.add_argument(
-        "--collector.pss.max-rss", dest="pss_max_rss", type=_size, default=4 << 30, metavar="BYTES",
-        help="do not read smaps_rollup of processes with a larger RSS, e.g. 4GiB (default 4GiB)",
+        "--collector.pss.max-rss", dest="pss_max_rss", type=_size, default=DEFAULTS.pss_max_rss, metavar="BYTES",
+        help=f"do not read smaps_rollup of processes with a larger RSS, e.g. 4GiB (default {DEFAULTS.pss_max_rss >> 30}GiB)",
     )
     _add_common(serve)
 
@@ -147,6 +169,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     explain.add_argument("units", nargs="*", metavar="UNIT", help="units to explain (default: the top ones by cgroup usage)")
     explain.add_argument("--top", type=int, default=10, metavar="N", help="how many units without UNIT arguments (default %(default)s)")
+    explain.add_argument(
+        "--format", choices=("text", "json"), default="text",
+        help="text for people, json for scripts: one object with every figure in bytes (default %(default)s)",
+    )
     _add_common(explain)
     return serve, explain
 
@@ -173,17 +199,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .explain import explain
-    from .sampler import Sampler, SamplerConfig
+    from .sampler import Sampler
     from .systemd import Discovery, DiscoveryError, DiscoveryResult
 
     _setup_logging(args.log_level if args.log_level != "info" else "warn")
     if args.top < 1:
         parser.error("--top must be at least 1")
-    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout)
+    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout, _user_units_root(args))
 
     def discover() -> DiscoveryResult:
         try:
-            return DiscoveryResult(discovery.refresh(), True, "", None, discovery.transport)
+            units = discovery.refresh()
+            return DiscoveryResult(units, True, "", None, discovery.transport, tree_failures=tuple(discovery.tree_failures))
         except DiscoveryError as e:
             return DiscoveryResult((), False, str(e), None, "none", "unavailable")
 
@@ -193,11 +220,21 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(f"systemd-memory-exporter: {snapshot.sources['dbus'].message}", file=sys.stderr)
         return 1
     missing = [n for n in args.units if snapshot.unit(n) is None]
-    sys.stdout.write(explain(snapshot, args.units, args.top))
+    sys.stdout.write(explain(snapshot, args.units, args.top, args.format))
     if missing:
         print(f"systemd-memory-exporter: no loaded unit with a control group named: {', '.join(missing)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _user_units_root(args: argparse.Namespace) -> str | None:
+    """The hierarchy in which systemd names units (user managers' too), or None without
+    --collector.user-units or without any such hierarchy."""
+    if not args.user_units:
+        return None
+    from .cgroupfs import detect_layout
+
+    return detect_layout(args.cgroupfs).procs_root
 
 
 def _return_big_buffers_to_the_kernel() -> None:
@@ -220,7 +257,6 @@ def _return_big_buffers_to_the_kernel() -> None:
 
 def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .discovery_process import DiscoveryProcess
-    from .sampler import SamplerConfig
     from .service import SampleLoop
     from .web import parse_listen_address, serve
 
@@ -231,20 +267,34 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
         parser.error(f"--web.telemetry-path must start with / and not be / itself: {args.telemetry_path!r}")
     _setup_logging(args.log_level)
-    web_config = None
+    web_config_file = None
     if args.web_config_file:
-        from .webconfig import WebConfigError, load
+        from .webconfig import WebConfigError, WebConfigFile
 
         try:
-            web_config = load(args.web_config_file)
+            web_config_file = WebConfigFile(args.web_config_file)
         except WebConfigError as e:
             print(f"systemd-memory-exporter: --web.config.file: {e}", file=sys.stderr)
             return 1
-    discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout)
+    discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout,
+                                 _user_units_root(args))
     config = SamplerConfig(args.procfs, args.cgroupfs, args.interval, args.pss, args.pss_budget, args.pss_max_rss)
     loop = SampleLoop(config, discovery, args.dbus_timeout)
+    server = None
+
+    def reload(_signum, _frame):  # systemctl reload (the unit's ExecReload)
+        if web_config_file is None or server is None:
+            log.info("received SIGHUP: %s, nothing to reload", "not serving yet" if server is None else "no --web.config.file")
+            return
+        # Off the main thread: reading the file and bcrypt's decoy hash take a while.
+        threading.Thread(target=web_config_file.reload, args=(lambda c: setattr(server, "web_config", c),),
+                         name="reload", daemon=True).start()
+
+    # Before the port opens: SIGHUP's default action would end the process.
+    signal.signal(signal.SIGHUP, reload)
     try:
-        server = serve(loop, args.listen, args.telemetry_path, web_config)
+        server = serve(loop, args.listen, args.telemetry_path, web_config_file and web_config_file.config,
+                       args.grafana_url)
     except OSError as e:
         print(f"systemd-memory-exporter: cannot listen on {args.listen}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -262,6 +312,8 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         log.info("received %s, shutting down", signal.Signals(signum).name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    if web_config_file is not None:
+        server.self_registry.register(web_config_file)
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     try:

@@ -30,11 +30,13 @@ class DiscoveryProcess:
     """The parent's side. Not thread-safe: the sampler thread alone calls ``request`` and
     ``stop``; other threads may only ``interrupt``."""
 
-    def __init__(self, include: str, exclude: str, types: list[str], private_socket: str, timeout: float):
+    def __init__(self, include: str, exclude: str, types: list[str], private_socket: str, timeout: float,
+                 user_units_root: str | None = None):
         self._argv = [
             sys.executable, "-m", "exporter.discovery_process",
             json.dumps({"include": include, "exclude": exclude, "types": types,
                         "private_socket": private_socket, "timeout": timeout,
+                        "user_units_root": user_units_root,
                         "log_level": logging.getLogger().getEffectiveLevel()}),
         ]
         # Past this, a refresh is not slow but stuck: kill the child and start another.
@@ -76,7 +78,8 @@ class DiscoveryProcess:
             log.info("systemd is reachable again over the %s", reply["transport"].replace("_", " "))
             self._logged_down = False
         self._result = DiscoveryResult(
-            tuple(Unit(*fields) for fields in reply["units"]), True, "", time.time(), reply["transport"]
+            tuple(Unit(*fields) for fields in reply["units"]), True, "", time.time(), reply["transport"],
+            tree_failures=tuple(tuple(f) for f in reply.get("tree_failures", ())),
         )
         return self._result
 
@@ -145,11 +148,12 @@ def serve(config: dict) -> None:
     """The child's side: one refresh per request line, one JSON answer per refresh."""
     logging.basicConfig(level=config["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     unit_filter = UnitFilter.build(config["include"], config["exclude"], config["types"])
-    discovery = Discovery(unit_filter, config["private_socket"], config["timeout"])
+    discovery = Discovery(unit_filter, config["private_socket"], config["timeout"], config.get("user_units_root"))
     for _request in sys.stdin.buffer:
         try:
             units = discovery.refresh()
-            reply = {"ok": True, "transport": discovery.transport, "units": [astuple(u) for u in units]}
+            reply = {"ok": True, "transport": discovery.transport, "units": [astuple(u) for u in units],
+                     "tree_failures": discovery.tree_failures}
         except DiscoveryError as e:
             reply = {"ok": False, "transport": discovery.transport, "error": str(e)}
         sys.stdout.write(json.dumps(reply, separators=(",", ":")) + "\n")

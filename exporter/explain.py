@@ -1,7 +1,14 @@
-"""`systemd-memory-exporter explain`: why systemctl and top disagree, unit by unit, in words."""
+"""Why systemctl and top disagree, unit by unit: the reconciliation as data (``reconcile``),
+and its renderings as text (`explain`) and JSON (`explain --format json`). The landing page
+and /unit/<name> (exporter/page.py) draw the same records.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
+
+from .records import record
 from .snapshot import Breakdown, Snapshot, UnitSample
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -19,59 +26,168 @@ def human_bytes(value: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-def _percent(part: int | None, whole: int | None) -> str:
+def percent(part: int | None, whole: int | None) -> str:
     if part is None or not whole:
         return ""
     return f"{100 * part / whole:.0f} %"
 
 
-def explain_unit(sample: UnitSample) -> str:
+@record
+class Part:
+    """One piece of the cgroup figure."""
+
+    key: str  # stable name for scripts and CSS: anon, mapped_file, unmapped_cache, shmem, kernel, remainder
+    label: str
+    bytes: int | None  # None: the kernel does not say (e.g. no kernel figure on this v1 host)
+    why: str
+
+
+# The parts of the cgroup figure, in the order they are shown. Breakdown attribute = key.
+PARTS = (
+    ("anon", "anonymous memory", "heap and stacks; top counts it too"),
+    ("mapped_file", "mapped files", "code and mmapped files; in top as RssFile"),
+    ("unmapped_cache", "unmapped page cache", "files read or written: reclaimable, harmless"),
+    ("shmem", "shmem / tmpfs", "looks like cache, cannot be dropped without swap"),
+    ("kernel", "kernel", "slab, sockets, page tables charged to the unit"),
+    ("remainder", "unexplained remainder", "v1 usage fuzz, per-CPU charge batching"),
+)
+
+
+@record
+class Reconciliation:
+    """Everything `explain` says about one unit, as figures (bytes; None where unknown)."""
+
+    unit: str  # exactly as systemd spells it
+    type: str
+    active_state: str
+    sub_state: str
+    control_group: str
+    slice: str  # the slice the unit sits in ("-.slice" for the root's children)
+    uid: int | None  # user manager's UID; None for the system manager's units
+    processes: int
+    systemctl: int | None  # cgroup usage: MemoryCurrent
+    top: int  # summed RSS = rss_anon + rss_file + rss_shmem
+    rss_anon: int
+    rss_file: int
+    rss_shmem: int
+    gap: int | None  # systemctl - top
+    parts: tuple[Part, ...]  # empty without a memory cgroup
+    swap: int | None  # outside usage
+    working_set: int | None
+    peak: int | None
+    limits: Mapping[str, int]  # only the limits that are set: max, high, low, min, swap_max
+    events: Mapping[str, int]  # hierarchical: low, high, max, oom, oom_kill, oom_group_kill
+    pressure_some_seconds: float | None  # PSI totals, cgroup v2 only
+    pressure_full_seconds: float | None
+    pss: int | None  # --collector.pss only
+    uss: int | None
+    verdict: str
+
+    @property
+    def has_memory_cgroup(self) -> bool:
+        return bool(self.parts)
+
+    def to_json(self) -> dict:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["parts"] = [{"key": p.key, "label": p.label, "bytes": p.bytes, "why": p.why} for p in self.parts]
+        out["limits"], out["events"] = dict(self.limits), dict(self.events)
+        return out
+
+
+def slice_of(control_group: str) -> str:
+    """The slice a cgroup path sits in: /system.slice/foo.service -> system.slice;
+    /init.scope -> -.slice (the root slice, whose cgroup is /)."""
+    parents = [part for part in control_group.strip("/").split("/")[:-1] if part.endswith(".slice")]
+    return parents[-1] if parents else "-.slice"
+
+
+def reconcile(sample: UnitSample) -> Reconciliation:
     b = Breakdown.of(sample)
     unit, totals, memory = sample.unit, sample.processes, sample.memory
+    parts: tuple[Part, ...] = ()
+    limits: Mapping[str, int] = {}
+    events: Mapping[str, int] = {}
+    pressure = None
+    if memory is not None:
+        parts = tuple(Part(key, label, getattr(b, key), why) for key, label, why in PARTS)
+        limits, events, pressure = memory.limits, memory.events, memory.pressure
+    return Reconciliation(
+        unit=unit.name,
+        type=unit.type,
+        active_state=unit.active_state,
+        sub_state=unit.sub_state,
+        control_group=unit.control_group,
+        slice=slice_of(unit.control_group),
+        uid=unit.uid,
+        processes=totals.processes,
+        systemctl=b.systemctl,
+        top=b.top,
+        rss_anon=totals.rss_anon,
+        rss_file=totals.rss_file,
+        rss_shmem=totals.rss_shmem,
+        gap=b.gap,
+        parts=parts,
+        swap=b.swap,
+        working_set=memory.working_set if memory else None,
+        peak=memory.peak if memory else None,
+        limits=dict(limits),
+        events=dict(events),
+        pressure_some_seconds=pressure.some_total_us / 1e6 if pressure else None,
+        pressure_full_seconds=(
+            pressure.full_total_us / 1e6 if pressure and pressure.full_total_us is not None else None
+        ),
+        pss=sample.pss,
+        uss=sample.uss,
+        verdict=verdict(b),
+    )
+
+
+def explain_unit(sample: UnitSample) -> str:
+    return explain_text(reconcile(sample))
+
+
+def explain_text(r: Reconciliation) -> str:
+    name = r.unit if r.uid is None else f"{r.unit} (uid {r.uid})"  # as Unit.key spells it
+    state = f"{r.active_state}/{r.sub_state}" if r.sub_state else r.active_state
     lines = [
-        f"{unit.name}  ({unit.active_state}/{unit.sub_state}, {totals.processes} "
-        f"process{'es' if totals.processes != 1 else ''}, cgroup {unit.control_group})"
+        f"{name}  ({state}, {r.processes} process{'es' if r.processes != 1 else ''}, cgroup {r.control_group})"
     ]
+
     def row(label: str, value: str, note: str) -> str:
         return f"  {label:<34}{value:>11}  {note}".rstrip()
 
-    lines.append(row("systemctl says (cgroup usage)", human_bytes(b.systemctl), "MemoryCurrent, systemd-cgtop"))
+    lines.append(row("systemctl says (cgroup usage)", human_bytes(r.systemctl), "MemoryCurrent, systemd-cgtop"))
     lines.append(
         row(
             "top says (RSS of its processes)",
-            human_bytes(b.top),
-            f"= anon {human_bytes(totals.rss_anon)} + file {human_bytes(totals.rss_file)}"
-            f" + shmem {human_bytes(totals.rss_shmem)}",
+            human_bytes(r.top),
+            f"= anon {human_bytes(r.rss_anon)} + file {human_bytes(r.rss_file)} + shmem {human_bytes(r.rss_shmem)}",
         )
     )
-    if memory is None:
+    if not r.has_memory_cgroup and r.uid is not None:
+        lines.append("  No memory cgroup: on cgroup v1 systemd gives user managers no memory controller,")
+        lines.append("  so systemctl --user shows MemoryCurrent [not set] and only top's view exists.")
+        return "\n".join(lines)
+    if not r.has_memory_cgroup:
         lines.append("  No memory cgroup: memory accounting is off for this unit (MemoryAccounting=no on cgroup v1),")
         lines.append("  so systemd reports no figure and only top's view exists.")
         return "\n".join(lines)
     lines.append("  What the cgroup figure is made of:")
-    parts = (
-        ("anonymous memory", b.anon, "heap and stacks; top counts it too"),
-        ("mapped files", b.mapped_file, "code and mmapped files; in top as RssFile"),
-        ("unmapped page cache", b.unmapped_cache, "files read or written: reclaimable, harmless"),
-        ("shmem / tmpfs", b.shmem, "looks like cache, cannot be dropped without swap"),
-        ("kernel", b.kernel, "slab, sockets, page tables charged to the unit"),
-        ("unexplained remainder", b.remainder, "v1 usage fuzz, per-CPU charge batching"),
-    )
-    for label, value, why in parts:
-        if value is not None:
-            lines.append(row("  " + label, human_bytes(value), f"{_percent(value, b.systemctl):>5}  {why}"))
-    if b.swap is not None:
-        lines.append(row("swap (outside usage)", human_bytes(b.swap), ""))
-    max_limit = memory.limits.get("max")
+    for part in r.parts:
+        if part.bytes is not None:
+            lines.append(row("  " + part.label, human_bytes(part.bytes), f"{percent(part.bytes, r.systemctl):>5}  {part.why}"))
+    if r.swap is not None:
+        lines.append(row("swap (outside usage)", human_bytes(r.swap), ""))
+    max_limit = r.limits.get("max")
     if max_limit is not None:
         lines.append(
-            row("MemoryMax", human_bytes(max_limit), f"working set {human_bytes(memory.working_set)}"
-                f" = {_percent(memory.working_set, max_limit)} of it")
+            row("MemoryMax", human_bytes(max_limit), f"working set {human_bytes(r.working_set)}"
+                f" = {percent(r.working_set, max_limit)} of it")
         )
-    oom = memory.events.get("oom_kill")
+    oom = r.events.get("oom_kill")
     if oom:
         lines.append(f"  OOM kills so far: {oom}")
-    lines.append("  " + verdict(b))
+    lines.append("  " + r.verdict)
     return "\n".join(lines)
 
 
@@ -82,12 +198,12 @@ def verdict(b: Breakdown) -> str:
     cache = b.unmapped_cache or 0
     if b.systemctl and cache / b.systemctl >= 0.5:
         return (
-            f"Verdict: {_percent(cache, b.systemctl)} of systemctl's figure is reclaimable page cache; "
+            f"Verdict: {percent(cache, b.systemctl)} of systemctl's figure is reclaimable page cache; "
             f"the processes themselves hold {human_bytes(b.top)}. Not a leak."
         )
     if b.shmem and b.systemctl and b.shmem / b.systemctl >= 0.3:
         return (
-            f"Verdict: {human_bytes(b.shmem)} is tmpfs/shared memory ({_percent(b.shmem, b.systemctl)}): "
+            f"Verdict: {human_bytes(b.shmem)} is tmpfs/shared memory ({percent(b.shmem, b.systemctl)}): "
             "it is real memory use that page-cache reclaim cannot free. Check files in /dev/shm or tmpfs."
         )
     if abs(b.gap) <= max(b.systemctl // 10, 16 << 20):
@@ -101,19 +217,36 @@ def verdict(b: Breakdown) -> str:
     return f"Verdict: systemctl counts {human_bytes(b.gap)} more than top; the parts above say where it is."
 
 
-def explain(snapshot: Snapshot, names: list[str] | None = None, top: int = 10) -> str:
+def select(snapshot: Snapshot, names: Sequence[str] | None = None, top: int = 10) -> list[UnitSample]:
+    """The named units, or the ``top`` non-slice units by cgroup usage (RSS without a cgroup)."""
     if names:
-        samples = [s for s in snapshot.units if s.unit.name in names]
-    else:
-        ranked = sorted(
-            (s for s in snapshot.units if s.unit.type != "slice"),
-            key=lambda s: (s.memory.usage or 0) if s.memory else s.processes.rss,
-            reverse=True,
-        )
-        samples = ranked[:top]
-    header = (
-        f"cgroup {snapshot.layout.name} layout, memory controller on "
-        f"{snapshot.layout.memory_version.value if snapshot.layout.memory_version else 'none'}; "
-        f"{len(snapshot.units)} units with a control group"
+        return [s for s in snapshot.units if s.unit.name in names]
+    ranked = sorted(
+        (s for s in snapshot.units if s.unit.type != "slice"),
+        key=lambda s: (s.memory.usage or 0) if s.memory else s.processes.rss,
+        reverse=True,
     )
-    return "\n\n".join([header] + [explain_unit(s) for s in samples]) + "\n"
+    return ranked[:top]
+
+
+def layout_summary(snapshot: Snapshot) -> dict:
+    version = snapshot.layout.memory_version
+    return {
+        "layout": snapshot.layout.name,
+        "memory_controller": version.value if version else None,
+        "units_with_cgroup": len(snapshot.units),
+        "taken_at": snapshot.taken_at,
+    }
+
+
+def explain(snapshot: Snapshot, names: Sequence[str] | None = None, top: int = 10, format: str = "text") -> str:
+    """`explain`'s output: ``format`` "text" for people, "json" for scripts (one object)."""
+    reconciliations = [reconcile(s) for s in select(snapshot, names, top)]
+    summary = layout_summary(snapshot)
+    if format == "json":
+        return json.dumps({**summary, "units": [r.to_json() for r in reconciliations]}, indent=2) + "\n"
+    header = (
+        f"cgroup {summary['layout']} layout, memory controller on {summary['memory_controller'] or 'none'}; "
+        f"{summary['units_with_cgroup']} units with a control group"
+    )
+    return "\n\n".join([header] + [explain_text(r) for r in reconciliations]) + "\n"

@@ -1,9 +1,9 @@
-"""Unit discovery over D-Bus with pystemd.
+"""Unit discovery over D-Bus with pystemd, and of user managers' units in the cgroup tree.
 
 Cost model (node_exporter #1201/#1254 made one call per unit per scrape): one ListUnits per
 cycle, plus one Get of ControlGroup for a unit only when it is new or its state changed.
-Everything here runs on the discovery thread, which owns the one bus connection: sd-bus is
-not thread-safe. Every method call is bounded by $SYSTEMD_BUS_TIMEOUT, which sd-bus reads
+Everything here runs in the discovery child process (exporter/discovery_process.py), on one
+thread that owns the one bus connection: sd-bus is not thread-safe. Every method call is bounded by $SYSTEMD_BUS_TIMEOUT, which sd-bus reads
 when a bus makes its first call (systemd docs/ENVIRONMENT.md); pystemd passes timeout 0,
 meaning "that default".
 """
@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from .kernelfiles import VANISHED, describe, failure_reason
 from .records import record
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ CGROUP_UNIT_TYPES = ("service", "scope", "slice", "socket", "mount", "swap")
 # States in which a unit can have processes or charged memory. "inactive" units have no
 # cgroup; "failed" ones may still hold one (e.g. KillMode=none leftovers).
 _STATES_WITHOUT_CGROUP = frozenset({"inactive"})
+
+# --systemd.private-socket and --dbus.timeout.
+DEFAULT_PRIVATE_SOCKET = "/run/systemd/private"
+DEFAULT_DBUS_TIMEOUT = 5.0
 
 SYSTEMD_DESTINATION = b"org.freedesktop.systemd1"
 MANAGER_PATH = b"/org/freedesktop/systemd1"
@@ -43,6 +48,88 @@ class Unit:
     # manager's units. Exported as the `uid` label, so a user's dbus.service never collides
     # with the system's.
     uid: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Unique among the units of one sample: the name, and for a user's unit its user too
+        ("dbus.service (uid 1500)"; unit names have no spaces). Also how explain names it."""
+        return self.name if self.uid is None else f"{self.name} (uid {self.uid})"
+
+
+# --------------------------------------------------------------------------- user units
+# Units of every user manager (systemd --user, running as user@UID.service) are found in the
+# cgroup tree below that service, not over each manager's own bus. Why:
+# - The hardened unit (deploy/systemd/systemd-memory-exporter.service) runs as an unprivileged
+#   system user with no capabilities and ProtectHome=yes. A user manager answers only on
+#   /run/user/UID/bus and /run/user/UID/systemd/private, inside a 0700 directory of that user;
+#   ProtectHome= hides /run/user altogether, and without CAP_DAC_OVERRIDE the directory is shut
+#   anyway. The user buses are out of reach; only root could open them, one connection per user.
+# - The cgroup tree is readable by anyone. systemd names each unit's cgroup after the unit
+#   (cg_escape: a leading "_" is added to names that could clash with kernel files, so one
+#   leading "_" is removed here), and nests units in their slices, as the system manager does:
+#   user@1500.service/app.slice/x.service. One directory walk per manager per cycle, no bus.
+# What the tree cannot tell: ActiveState and SubState. A unit's cgroup exists while the unit
+# is active (or deactivating, or failed with processes left), so user units are reported as
+# active_state "active" with an empty sub_state: unknown, not invented.
+# systemd 252 user@.service sets Delegate=pids memory cpu. On cgroup v2 the user manager then
+# has the memory controller and its units their own memory.current; on v1/hybrid memory is not
+# delegated (the user's units exist in name=systemd and unified only, MemoryCurrent [not set]),
+# so they get RSS figures and no cgroup figures, exactly as systemctl --user shows them.
+USER_MANAGER = re.compile(r"user@([0-9]+)\.service")
+
+
+def user_manager_uid(unit_name: str) -> int | None:
+    """1500 for user@1500.service; None for any other unit."""
+    match = USER_MANAGER.fullmatch(unit_name)
+    return int(match.group(1)) if match else None
+
+
+def unit_name_of_cgroup(directory_name: str) -> str:
+    """systemd's cg_unescape: one leading underscore is escaping, never part of the name."""
+    return directory_name[1:] if directory_name.startswith("_") else directory_name
+
+
+def user_units_in_tree(manager_cgroup: str, uid: int, subdirectories: Callable[[str], Iterable[str]],
+                       unit_filter: "UnitFilter") -> list[Unit]:
+    """The units of the user manager whose cgroup is ``manager_cgroup``, from the tree below it.
+
+    ``subdirectories(cgroup)`` lists the child cgroup names of a cgroup path (the thin reader;
+    fixtures and tests pass their own). Only slices are descended into: what lies below a
+    service or scope is that unit's own business (a delegated subtree such as rootless
+    podman's, or the manager's own init.scope), never other units. A directory whose name has
+    no unit suffix of a cgroup-owning type is not a unit and is skipped with its subtree.
+    """
+    units = []
+    pending = [manager_cgroup]
+    while pending:
+        parent = pending.pop()
+        for child in sorted(subdirectories(parent)):
+            name = unit_name_of_cgroup(child)
+            unit_type = name.rpartition(".")[2]
+            if "." not in name or unit_type not in CGROUP_UNIT_TYPES:
+                continue
+            cgroup = f"{parent}/{child}"
+            if unit_type == "slice":
+                pending.append(cgroup)
+            if unit_filter.wants(name):
+                units.append(Unit(name, unit_type, "active", "", cgroup, uid))
+    return units
+
+
+def cgroup_subdirectories(root: str, failures: list[tuple[str, str, str]]) -> Callable[[str], list[str]]:
+    """The reader for user_units_in_tree: child directories of root + cgroup. A cgroup that
+    went away meanwhile (the user logged out) has none; one that cannot be listed has none
+    either, and is appended to ``failures`` as (reason, path, message) for the sampler to
+    count as errors_total{source="cgroup"} (this runs in the discovery child)."""
+    def subdirectories(cgroup: str) -> list[str]:
+        try:
+            return [e.name for e in os.scandir(root + cgroup) if e.is_dir(follow_symlinks=False)]
+        except OSError as e:
+            reason = failure_reason(e)
+            if reason != VANISHED:
+                failures.append((reason, root + cgroup, describe(e)))
+            return []
+    return subdirectories
 
 
 @record
@@ -106,6 +193,8 @@ class DiscoveryResult:
     # Why it failed, as errors_total{source="dbus"} counts it: "timeout" (no answer in time)
     # or "unavailable" (no bus or systemd, or an error reply). "" when ok.
     failure: str = ""
+    # (reason, path, message) of cgroup directories the user-unit walk could not list.
+    tree_failures: tuple[tuple[str, str, str], ...] = ()
 
 
 class DiscoveryError(Exception):
@@ -115,9 +204,16 @@ class DiscoveryError(Exception):
 class Discovery:
     """Lists units and their control groups. Not thread-safe: owned by one thread."""
 
-    def __init__(self, unit_filter: UnitFilter, private_socket: str = "/run/systemd/private", timeout: float = 5.0):
+    def __init__(
+        self, unit_filter: UnitFilter, private_socket: str = DEFAULT_PRIVATE_SOCKET, timeout: float = DEFAULT_DBUS_TIMEOUT,
+        user_units_root: str | None = None,
+    ):
+        """``user_units_root``: the cgroup hierarchy systemd names units in (cgroupfs.Layout's
+        procs_root), to find user managers' units below user@UID.service; None: no user units."""
         self.unit_filter = unit_filter
         self.private_socket = private_socket
+        self.user_units_root = user_units_root
+        self.tree_failures: list[tuple[str, str, str]] = []  # of the latest refresh
         self.transport = "none"  # "system_bus", "private_socket" or "none"
         self._bus = None
         # name -> ((active, sub), control group): refetched only when the state pair changes.
@@ -174,8 +270,13 @@ class Discovery:
             listed = self._list_units(self._bus)
             units = []
             seen = set()
+            managers = []  # (uid, control group) of running user managers
             for entry in listed:
-                if entry.active_state in _STATES_WITHOUT_CGROUP or not self.unit_filter.wants(entry.name):
+                if entry.active_state in _STATES_WITHOUT_CGROUP:
+                    continue
+                wanted = self.unit_filter.wants(entry.name)
+                uid = user_manager_uid(entry.name) if self.user_units_root is not None else None
+                if not wanted and uid is None:
                     continue
                 seen.add(entry.name)
                 state = (entry.active_state, entry.sub_state)
@@ -184,15 +285,21 @@ class Discovery:
                     try:
                         cached = (state, self._control_group(self._bus, entry))
                     except Exception as e:
-                        # The unit went away between ListUnits and Get: skip it this cycle.
-                        if "NoSuchUnit" in str(e) or "UnknownObject" in str(e):
+                        if _unit_gone(e):  # it went away between ListUnits and Get: skip it this cycle
                             continue
                         raise
                     self._cgroup_cache[entry.name] = cached
-                if cached[1]:
+                if cached[1] and wanted:
                     units.append(Unit(entry.name, entry.name.rpartition(".")[2], *state, cached[1]))
+                if cached[1] and uid is not None and entry.active_state == "active":
+                    managers.append((uid, cached[1]))
             for gone in self._cgroup_cache.keys() - seen:
                 del self._cgroup_cache[gone]
+            self.tree_failures = []
+            if managers:
+                subdirectories = cgroup_subdirectories(self.user_units_root, self.tree_failures)
+                for uid, cgroup in managers:
+                    units.extend(user_units_in_tree(cgroup, uid, subdirectories, self.unit_filter))
             return tuple(units)
         except DiscoveryError:
             raise
@@ -204,6 +311,14 @@ class Discovery:
         if self._bus is not None:
             _close_quietly(self._bus)
             self._bus = None
+
+
+def _unit_gone(error: Exception) -> bool:
+    """NoSuchUnit or UnknownObject, by pystemd's error classes: their str() holds the message
+    ("Unknown object '/org/...'"), not the D-Bus error name."""
+    from pystemd.dbusexc import DBusNoSuchUnitError, DBusUnknownObjectError  # there since a bus exists
+
+    return isinstance(error, (DBusNoSuchUnitError, DBusUnknownObjectError))
 
 
 def _close_quietly(bus) -> None:

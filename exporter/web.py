@@ -5,7 +5,6 @@ metrics. A thin shell: everything it shows comes from the snapshot.
 from __future__ import annotations
 
 import gzip
-import html
 import logging
 import socket
 import sys
@@ -13,12 +12,13 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from . import __version__
-from .explain import human_bytes
+from .page import CONTENT_TYPE as PAGE_CONTENT_TYPE
+from .page import Pages
+from .render import render_scrape
 from .service import Published, SampleLoop
-from .snapshot import Breakdown
 from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,17 @@ class ExporterServer(ThreadingHTTPServer):
     request_queue_size = 512
 
     def __init__(
-        self, address: tuple[str, int], loop: SampleLoop, telemetry_path: str, family: int, web_config: WebConfig | None = None
+        self, address: tuple[str, int], loop: SampleLoop, telemetry_path: str, family: int, web_config: WebConfig | None = None,
+        grafana_url: str = "",
     ):
         self.address_family = family
         self.loop = loop
         self.telemetry_path = telemetry_path
+        self.pages = Pages(telemetry_path, grafana_url)
         self.self_registry = _self_registry()
         self.slots = threading.BoundedSemaphore(self.max_connections)
         self.web_config = web_config
         super().__init__(address, Handler)
-        if web_config is not None and web_config.tls is not None:
-            # TLS handshakes happen in each connection's thread (process_request_thread), not in accept.
-            self.socket = web_config.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     def process_request(self, request, client_address):
         # More than max_connections at once wait in the listen backlog instead of each
@@ -78,10 +77,13 @@ class ExporterServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request, client_address):
         try:
-            if self.web_config is None or self.web_config.handshake(request, self.request_timeout):
+            # TLS is set up here, in each connection's thread, with the web config in force when
+            # it was accepted (SIGHUP may replace self.web_config: cli.py).
+            web_config = self.web_config
+            if web_config is not None:
+                request = web_config.handshake(request, self.request_timeout)
+            if request is not None:
                 super().process_request_thread(request, client_address)
-            else:
-                self.shutdown_request(request)
         finally:
             self.slots.release()
 
@@ -111,8 +113,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         if path == self.server.telemetry_path:
             self._metrics()
-        elif path == "/":
-            self._landing()
+        elif self.server.pages.handles(path):
+            self._page(self.path)  # with its query: ?uid= picks a user manager's unit
         else:
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
@@ -120,28 +122,23 @@ class Handler(BaseHTTPRequestHandler):
         loop = self.server.loop
         published = loop.latest(wait=max(loop.dbus_timeout * 2, 10.0))
         started = time.perf_counter()
-        own = generate_latest(self.server.self_registry)
-        gzip_ok = "gzip" in self.headers.get("Accept-Encoding", "")
+        own = render_scrape(self.server.self_registry.collect(), published and published.render_seconds)
+        gzip_ok = gzip_accepted(self.headers.get("Accept-Encoding", ""))
         if published is None:
             self._send(503, b"# no sample yet\n" + own, CONTENT_TYPE)
             return
-        render_line = (
-            "# HELP systemd_memory_exporter_render_duration_seconds Time to render and compress the latest snapshot.\n"
-            "# TYPE systemd_memory_exporter_render_duration_seconds gauge\n"
-            f"systemd_memory_exporter_render_duration_seconds {published.render_seconds!r}\n"
-        ).encode()
         if gzip_ok:
             # The snapshot part was compressed once; gzip members may be concatenated (RFC 1952).
-            tail = gzip.compress(own + render_line, compresslevel=1, mtime=0)
-            body = published.body_gzip + tail
+            body = published.body_gzip + gzip.compress(own, compresslevel=1, mtime=0)
         else:
-            body = published.body() + own + render_line
+            body = published.body() + own
         log.debug("scrape served in %.1f ms", (time.perf_counter() - started) * 1000)
         self._send(200, body, CONTENT_TYPE, gzip_ok)
 
-    def _landing(self) -> None:
-        published = self.server.loop.latest()
-        self._send(200, landing_page(published, self.server.telemetry_path).encode(), "text/html; charset=utf-8")
+    def _page(self, target: str) -> None:
+        gzip_ok = gzip_accepted(self.headers.get("Accept-Encoding", ""))
+        status, body, gzipped = self.server.pages.respond(target, self.server.loop.latest(), gzip_ok)
+        self._send(status, body, PAGE_CONTENT_TYPE, gzipped)
 
     def _send(self, status: int, body: bytes, content_type: str, gzipped: bool = False) -> None:
         self.send_response(status)
@@ -172,55 +169,35 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
-def landing_page(published: Published | None, telemetry_path: str) -> str:
-    rows = []
-    status = "no sample yet"
-    if published is not None:
-        snapshot = published.snapshot
-        status = (
-            f"{len(snapshot.units)} units, sampled {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snapshot.taken_at))} "
-            f"in {snapshot.phase_seconds.get('total', 0) * 1000:.0f} ms; "
-            + ", ".join(f"{name} {'up' if h.up else 'DOWN'}" for name, h in snapshot.sources.items())
-        )
-        ranked = sorted(snapshot.units, key=lambda s: (s.memory.usage or 0) if s.memory else 0, reverse=True)
-        for sample in ranked:
-            b = Breakdown.of(sample)
-            cells = [sample.unit.name, sample.unit.type, str(sample.processes.processes)] + [
-                human_bytes(v) for v in (b.systemctl, b.top, b.anon, b.unmapped_cache, b.shmem, b.kernel, b.swap)
-            ]
-            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    headers = "".join(
-        f"<th>{h}</th>"
-        for h in (
-            "unit",
-            "type",
-            "processes",
-            "systemctl (cgroup)",
-            "top (RSS)",
-            "anon",
-            "unmapped cache",
-            "shmem/tmpfs",
-            "kernel",
-            "swap",
-        )
-    )
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>systemd-memory-exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
-<body><h1>systemd-memory-exporter {html.escape(__version__)}</h1>
-<p><a href="{html.escape(telemetry_path)}">Metrics</a></p>
-<p>{html.escape(status)}</p>
-<table><tr>{headers}</tr>
-{''.join(rows)}
-</table></body></html>
-"""
+def gzip_accepted(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header admits gzip (RFC 9110, 12.5.3).
+
+    Tokens as client_python's gzip_accepted splits them (on "," then ";", case-insensitive),
+    plus the q-values it ignores: "gzip;q=0" refuses gzip, and "*" stands for any coding the
+    header does not name.
+    """
+    weights: dict[str, float] = {}
+    for item in accept_encoding.split(","):
+        coding, *params = (part.strip().lower() for part in item.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0  # an unreadable q-value accepts nothing
+        if coding:
+            weights[coding] = weight
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
-def serve(loop: SampleLoop, listen: str, telemetry_path: str, web_config: WebConfig | None = None) -> ExporterServer:
+def serve(
+    loop: SampleLoop, listen: str, telemetry_path: str, web_config: WebConfig | None = None, grafana_url: str = ""
+) -> ExporterServer:
     host, port = parse_listen_address(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return ExporterServer((host, port), loop, telemetry_path, family, web_config)
+    return ExporterServer((host, port), loop, telemetry_path, family, web_config, grafana_url)
 
 
 def parse_listen_address(listen: str) -> tuple[str, int]:

@@ -2,9 +2,13 @@
 file format of the Prometheus exporter-toolkit (the web-config.yml node_exporter reads):
 https://github.com/prometheus/exporter-toolkit/blob/master/docs/web-configuration.md
 
-The file is read once, at start; any problem refuses the start with a message naming the file.
+The file is read at start, where any problem refuses the start with a message naming the file,
+and again on SIGHUP (`systemctl reload`): a renewed certificate applies to the connections
+accepted after it and changed passwords to every request after it, as in the toolkit, which reads
+its file per connection. A file that cannot be used on reload keeps the config in force and logs
+why (and systemd_memory_exporter_web_config_last_reload_successful drops to 0).
 pyyaml and bcrypt are imported only here, and only when a file is given, so the exporter runs
-without them otherwise.
+without them otherwise (they are the `webconfig` extra).
 
 Differences from the toolkit, all refused at start rather than silently ignored:
   - cipher_suites, curve_preferences and rate_limit are not supported (Go names; no limiter);
@@ -30,7 +34,7 @@ import secrets
 import socket
 import ssl
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,11 @@ _BCRYPT_MAX_PASSWORD = 72
 _PLAIN_HTTP_ANSWER = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 
 
+_INSTALL_HINT = (
+    "Debian: apt install python3-yaml python3-bcrypt; pip: pip install 'systemd-memory-exporter[webconfig]'"
+)
+
+
 class WebConfigError(Exception):
     """The file cannot be used; the message names the file and the problem."""
 
@@ -85,11 +94,29 @@ class WebConfig:
     headers: dict[str, str] = field(default_factory=dict)
     auth: BasicAuth | None = None
 
-    def handshake(self, sock: socket.socket, timeout: float) -> bool:
+    def handshake(self, raw: socket.socket, timeout: float) -> socket.socket | None:
         """TLS handshake of an accepted connection, run in that connection's thread so a client
-        that stalls it cannot hold up accepting. False: drop the connection (logged at debug)."""
+        that stalls it cannot hold up accepting. Each connection is wrapped here, not the
+        listening socket, so a reloaded certificate applies to the next connection.
+        Returns the socket to serve on, or None when it was dropped (logged at debug)."""
         if self.tls is None:
-            return True
+            return raw
+        try:
+            sock = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except OSError as e:  # e.g. the client is already gone
+            log.debug("TLS setup with %s failed: %s", _peer(raw), e)
+            raw.close()
+            return None
+        if self._handshake(sock, timeout):
+            return sock
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        return None
+
+    def _handshake(self, sock: ssl.SSLSocket, timeout: float) -> bool:
         sock.settimeout(timeout)  # CPython bounds the whole handshake by it, not each read
         try:
             sock.do_handshake()
@@ -155,12 +182,54 @@ class BasicAuth:
         return ok and known
 
 
+class WebConfigFile:
+    """The file given with --web.config.file and the config read from it last, which reload()
+    replaces as a whole or not at all. Also a Prometheus collector of how reloads went."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.config = load(path)  # WebConfigError: refused at start
+        self.last_reload_ok = True
+        self.reload_failures = 0
+        self._lock = threading.Lock()  # two SIGHUPs in a row: applied in the order they came
+
+    def reload(self, apply: Callable[[WebConfig], None]) -> bool:
+        """Read the file again; if it is usable, hand the new config to ``apply``."""
+        with self._lock:
+            try:
+                config = load(self.path)
+            except WebConfigError as e:
+                self.last_reload_ok = False
+                self.reload_failures += 1
+                log.error("reload of --web.config.file failed, keeping the config in force: %s", e)
+                return False
+            self.config, self.last_reload_ok = config, True
+            apply(config)
+            log.info("reloaded --web.config.file %s: its TLS settings for new connections, its passwords and "
+                     "headers for every request", self.path)
+            return True
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "systemd_memory_exporter_web_config_last_reload_successful",
+            "Whether the last reload (SIGHUP) of --web.config.file succeeded; 1 before any reload.",
+            value=1 if self.last_reload_ok else 0,
+        )
+        yield CounterMetricFamily(
+            "systemd_memory_exporter_web_config_reload_failures",
+            "Reloads (SIGHUP) of --web.config.file refused because the file could not be used.",
+            value=self.reload_failures,
+        )
+
+
 def load(path: str) -> WebConfig:
     """Read and check the whole file, certificates included. Raises WebConfigError."""
     try:
         import yaml
     except ImportError:
-        raise WebConfigError(f"{path}: --web.config.file needs the Python package pyyaml (Debian: python3-yaml)") from None
+        raise WebConfigError(f"{path}: --web.config.file needs the Python package pyyaml ({_INSTALL_HINT})") from None
     try:
         with open(path, "rb") as f:
             text = f.read()
@@ -408,7 +477,7 @@ def _basic_auth(path: str, users) -> BasicAuth:
         return BasicAuth(hashes)
     except ImportError:
         raise WebConfigError(
-            f"{path}: basic_auth_users needs the Python package bcrypt (Debian: python3-bcrypt)"
+            f"{path}: basic_auth_users needs the Python package bcrypt ({_INSTALL_HINT})"
         ) from None
 
 

@@ -5,6 +5,7 @@
 #   dbus, systemd: the real systemd test host (tests/testhost)
 #   openssl: certificates for the TLS tests
 #   qemu-system-x86, linux-image-amd64, debootstrap, e2fsprogs: the cgroup v2 guest (tests/vm)
+#   chromium: the landing page in a real browser (tests/test_page_browser.py), apt line below
 #   strace, prometheus-node-exporter, prometheus-process-exporter: the benchmark's file list
 #     and its peers (tests/bench; CI runs its smoke size)
 set -euo pipefail
@@ -24,4 +25,18 @@ apt-get install -y -q --no-install-recommends \
   dbus systemd util-linux procps curl openssl \
   qemu-system-x86 linux-image-amd64 debootstrap e2fsprogs \
   strace prometheus-node-exporter prometheus-process-exporter
+# chromium: headless, it loads the exporter's landing page in tests/test_page_browser.py
+apt-get install -y -q --no-install-recommends chromium
+# Packaging (tests/test_debian_package.py, tests/test_rpm.py): the .deb built with
+# dpkg-buildpackage (dh + pybuild; help2man writes the manual page) and checked by lintian;
+# the RPM spec built with rpmbuild (python3-build and python3-installer stand in for Fedora's
+# pyproject macros, cpio unpacks the result), and python3-rpm, the bindings that rpmlint
+# (from PyPI, in the test extra) loads.
+apt-get install -y -q --no-install-recommends \
+  dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+  python3-build python3-installer lintian help2man \
+  rpm python3-rpm cpio
+# libvirt for tests/test_libvirt.py: libvirtd runs inside the test host (the policy-rc.d guard
+# above keeps it from starting on this machine); qemu-system-x86 above is its emulator.
+apt-get install -y -q --no-install-recommends libvirt-daemon-system libvirt-clients
 python3 -m pip install -q -e "$(dirname "$0")/..[test]"

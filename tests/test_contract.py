@@ -31,6 +31,10 @@ def rendered() -> dict[str, set[str]]:
         snapshot = sample_tree(FIXTURES / tree)
         # As --collector.pss renders it: its own health families appear only then.
         with_pss = dataclasses.replace(snapshot, pss_skipped={"max_rss": 1}, pss_deferred_units=0)
+        # and a user manager's unit (uid label): the fixture's first unit, as if uid 1500 ran it
+        first = with_pss.units[0]
+        user_unit = dataclasses.replace(first, unit=dataclasses.replace(first.unit, uid=1500))
+        with_pss = dataclasses.replace(with_pss, units=with_pss.units + (user_unit,))
         for family in text_string_to_metric_families(render(with_pss).decode()):
             name = family.name + ("_total" if family.type == "counter" else "")
             labels = families.setdefault(name, set())

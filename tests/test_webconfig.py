@@ -11,6 +11,7 @@ import base64
 import http.client
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -47,7 +48,9 @@ def _openssl(*args: str, cwd: Path) -> None:
 def _issue(d: Path, name: str, ca: str, san: str, usage: str) -> None:
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
+    # keyUsage and authorityKeyIdentifier: Python 3.13's clients verify strictly (VERIFY_X509_STRICT).
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n"
+                                   "keyUsage=critical,digitalSignature\nauthorityKeyIdentifier=keyid,issuer\n")
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
              "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=d)
 
@@ -59,7 +62,8 @@ def pki(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "rogue-ca"):
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN={ca}", "-days", "2", cwd=d)
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN={ca}", "-days", "2",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
     _issue(d, "server", "ca", "IP:127.0.0.1,DNS:localhost", "serverAuth")
     _issue(d, "client", "ca", "DNS:scraper.example", "clientAuth")
     _issue(d, "rogue", "rogue-ca", "DNS:scraper.example", "clientAuth")
@@ -406,3 +410,155 @@ def test_missing_bcrypt_is_a_clear_refusal(pki):
         f"sys.exit(main(['--web.listen-address=127.0.0.1:{_free_port()}', '--web.config.file={config}']))\n"
     )
     assert result.returncode == 1 and "needs the Python package bcrypt" in result.stderr, result.stderr
+    assert "python3-bcrypt" in result.stderr and "systemd-memory-exporter[webconfig]" in result.stderr
+
+
+def test_missing_pyyaml_is_a_clear_refusal(pki):
+    """`pip install .` has neither (they are the webconfig extra): the message says how to get them."""
+    config = pki / "tls-only.yml"
+    config.write_text(TLS)
+    result = _python(
+        "import sys; sys.modules['yaml'] = None\n"
+        "from exporter.cli import main\n"
+        f"sys.exit(main(['--web.listen-address=127.0.0.1:{_free_port()}', '--web.config.file={config}']))\n"
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"--web.config.file: {config}: --web.config.file needs the Python package pyyaml" in result.stderr
+    assert "apt install python3-yaml python3-bcrypt" in result.stderr
+    assert "pip install 'systemd-memory-exporter[webconfig]'" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- reload (SIGHUP, the unit's ExecReload) -----------------------------------------------
+
+
+def _served_certificate(e: Exporter) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(e.config.parent / "ca.crt"))
+    with socket.create_connection(("127.0.0.1", e.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def _der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def _reload_and_wait(e: Exporter, log_line: str) -> str:
+    """SIGHUP, then wait until the exporter logged one more ``log_line``; returns that line."""
+    before = e.stderr.read_text().count(log_line)
+    e.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while True:
+        lines = [line for line in e.stderr.read_text().splitlines() if log_line in line]
+        if len(lines) > before:
+            return lines[-1]
+        assert e.proc.poll() is None, f"exporter exited on SIGHUP: {e.stderr.read_text()}"
+        assert time.monotonic() < deadline, f"no {log_line!r} within 20 s:\n{e.stderr.read_text()}"
+        time.sleep(0.05)
+
+
+def _gauge(e: Exporter, name: str, auth: str) -> float:
+    status, _, body = e.request(auth=auth)
+    assert status == 200
+    (value,) = [line.split()[1] for line in body.decode().splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
+RELOADED = "reloaded --web.config.file"
+REFUSED_RELOAD = "reload of --web.config.file failed, keeping the config in force"
+
+
+def test_reload_rotates_the_certificate_and_the_password(exporter, pki, tmp_path):
+    """A renewed certificate (new key, same paths, as certbot renews) and a changed password take
+    effect on SIGHUP, without a restart; a file that cannot be used keeps the old config."""
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(pki / "server.crt", live / "tls.crt")
+    shutil.copy(pki / "server.key", live / "tls.key")
+    config = (f"tls_server_config:\n  cert_file: {live}/tls.crt\n  key_file: {live}/tls.key\n"
+              "basic_auth_users:\n  prometheus: {hash}\n")
+    e = exporter(config.format(hash=HASH))
+    assert _served_certificate(e) == _der(pki / "server.crt")
+    old_auth, new_auth = "prometheus:" + PASSWORD, "prometheus:battery staple"
+    assert e.request(auth=old_auth)[0] == 200
+    # A connection kept open across the reload: TLS cannot change under it, passwords do.
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    kept = http.client.HTTPSConnection("127.0.0.1", e.port, context=ctx, timeout=15)
+
+    def kept_request(auth: str) -> int:
+        kept.request("GET", "/metrics", headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
+        response = kept.getresponse()
+        response.read()
+        return response.status
+
+    try:
+        assert kept_request(old_auth) == 200
+        _issue(pki, "renewed", "ca", "IP:127.0.0.1,DNS:localhost", "serverAuth")
+        shutil.copy(pki / "renewed.key", live / "tls.key")
+        shutil.copy(pki / "renewed.crt", live / "tls.crt")
+        new_hash = bcrypt.hashpw(b"battery staple", bcrypt.gensalt(rounds=4)).decode()
+        e.config.write_text(config.format(hash=new_hash))
+        assert e.request(auth=old_auth)[0] == 200, "changed before the reload"
+
+        _reload_and_wait(e, RELOADED)
+        assert _served_certificate(e) == _der(pki / "renewed.crt") != _der(pki / "server.crt")
+        assert e.request(auth=old_auth)[0] == 401
+        status, _, body = e.request(auth=new_auth)
+        assert status == 200 and METRIC in body
+        assert kept_request(old_auth) == 401 and kept_request(new_auth) == 200
+        assert kept.sock.getpeercert(binary_form=True) == _der(pki / "server.crt")
+    finally:
+        kept.close()
+    assert _gauge(e, "systemd_memory_exporter_web_config_last_reload_successful", new_auth) == 1
+
+    # Half a rotation (a key that is not the certificate's), then a file that is not YAML:
+    # each reload is refused with the reason, and the config in force stays.
+    shutil.copy(pki / "client.key", live / "tls.key")
+    line = _reload_and_wait(e, REFUSED_RELOAD)
+    assert "cannot use certificate" in line and str(live / "tls.crt") in line, line
+    e.config.write_text("basic_auth_users: [\n")
+    line = _reload_and_wait(e, REFUSED_RELOAD)
+    assert f"{e.config}: invalid YAML" in line, line
+    assert _served_certificate(e) == _der(pki / "renewed.crt")
+    assert e.request(auth=old_auth)[0] == 401
+    assert e.request(auth=new_auth)[0] == 200
+    assert _gauge(e, "systemd_memory_exporter_web_config_last_reload_successful", new_auth) == 0
+    assert _gauge(e, "systemd_memory_exporter_web_config_reload_failures_total", new_auth) == 2
+
+    # Fixed again: the next reload goes through.
+    shutil.copy(pki / "renewed.key", live / "tls.key")
+    e.config.write_text(config.format(hash=new_hash))
+    _reload_and_wait(e, RELOADED)
+    assert _gauge(e, "systemd_memory_exporter_web_config_last_reload_successful", new_auth) == 1
+
+
+def test_reload_can_turn_tls_on(exporter, pki):
+    e = exporter(AUTH)
+    assert e.request(tls=False, auth="prometheus:" + PASSWORD)[0] == 200
+    e.config.write_text(TLS + AUTH)
+    _reload_and_wait(e, RELOADED)
+    assert e.request(auth="prometheus:" + PASSWORD)[0] == 200
+    status, _, body = e.request(tls=False)
+    assert status == 400 and b"HTTPS" in body
+
+
+def test_sighup_without_a_web_config_keeps_serving(tmp_path):
+    stderr = tmp_path / "stderr"
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}", "--dbus.timeout=2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"))
+    e = Exporter(tmp_path / "none.yml", proc, port, stderr)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()
+                time.sleep(0.05)
+        _reload_and_wait(e, "received SIGHUP: no --web.config.file, nothing to reload")
+        status, _, body = e.request(tls=False)
+        assert status == 200 and METRIC in body
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -28,6 +29,9 @@ import mmap, os, signal, socket, sys
 MiB = 1 << 20
 
 def notify_ready():
+    if "READY_FILE" in os.environ:  # a scope (systemd-run --scope) has no notify socket
+        open(os.environ["READY_FILE"], "w").close()
+        return
     addr = os.environ["NOTIFY_SOCKET"]
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
@@ -258,6 +262,189 @@ def batch(host: TestHost, count: int, procs: int = 10, prefix: str = "th-bench",
     wait_until(all_running, timeout, f"{len(pending)} of {count} {prefix} units to run {procs} processes",
                interval=0.2)
     return units
+
+
+# ------------------------------------------------------- scopes (containers)
+def container_scope(host: TestHost, unit: str, slice: str, mib: int = 30, timeout: float = 30) -> str:
+    """A transient scope named like a container runtime's (podman: machine.slice/libpod-<id>.scope,
+    docker: system.slice/docker-<id>.scope), made with `systemd-run --scope` as those runtimes'
+    systemd cgroup drivers do, holding `mib` MiB of anonymous memory. Returns once the memory
+    is touched; stop it with stop_units()."""
+    ready = host.exchange_dir / f"{unit}.ready"
+    ready.unlink(missing_ok=True)
+    # systemd-run --scope execs the command itself, in the new scope: the HostProcess is it.
+    proc = host.popen(["systemd-run", "--quiet", "--scope", f"--unit={unit}", f"--slice={slice}",
+                       "-p", "MemoryAccounting=yes", "--", host.python, "-c", PAYLOAD, "anon", str(mib)],
+                      env={"READY_FILE": str(ready)}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout, f"{unit} to hold {mib} MiB")
+    except HostError:
+        proc.kill()
+        raise
+    if proc.poll() is not None:
+        raise HostError(f"starting {unit} failed: {proc.stderr.read()}")
+    return unit
+
+
+def container_id() -> str:
+    """64 hex digits, the shape of podman's and docker's container ids."""
+    return os.urandom(32).hex()
+
+
+# ------------------------------------------------------------------ libvirt
+VM_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 rootdelay=3600</cmdline>
+  </os>
+  <devices>
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+  </devices>
+</domain>
+"""
+
+
+def virsh(host: TestHost, *args: str, timeout: float = 120) -> str:
+    return host.run(["virsh", "--connect", "qemu:///system", "--quiet", *args], timeout=timeout).stdout
+
+
+def libvirtd(host: TestHost) -> str:
+    """Debian's libvirtd.service started in the host (socket-activated units and all)."""
+    host.systemctl("start", "libvirtd.service")
+    return "libvirtd.service"
+
+
+def stop_libvirtd(host: TestHost) -> None:
+    """Stop libvirtd and the sockets that would start it again."""
+    host.systemctl("stop", "libvirtd.service", "libvirtd.socket", "libvirtd-ro.socket", "libvirtd-admin.socket",
+                   "virtlogd.service", "virtlogd.socket", "virtlogd-admin.socket", check=False)
+
+
+def libvirt_vm(host: TestHost, name: str = "vm1", mib: int = 192, timeout: float = 120) -> str:
+    """A TCG VM (type='qemu': no KVM needed) that boots the machine's Debian kernel and initrd
+    and then waits for a root device that never comes (rootdelay=3600), so it keeps running
+    with a steady footprint. Its serial console goes to a file: a pty serial fails in the
+    host ("Failed to create PTY"). Returns its scope, e.g. machine-qemu\\x2d1\\x2dvm1.scope,
+    once the guest kernel has started /init. Destroy it with destroy_vm()."""
+    boot = Path("/boot")
+    kernel = sorted(boot.glob("vmlinuz-6.1*"))[-1]
+    initrd = boot / kernel.name.replace("vmlinuz", "initrd.img")
+    console = host.data_dir / f"{name}.console"
+    xml = host.data_dir / f"{name}.xml"
+    xml.write_text(VM_XML.format(name=name, mib=mib, kernel=kernel, initrd=initrd, console=console))
+    virsh(host, "create", str(xml))
+    wait_until(lambda: console.exists() and "Run /init as init process" in console.read_text(errors="replace"),
+               timeout, f"VM {name} to start /init", interval=0.5)
+    domain_id = virsh(host, "domid", name).strip()
+    scope = host.run(["systemd-escape", "--", f"qemu-{domain_id}-{name}"]).stdout.strip()
+    return f"machine-{scope}.scope"
+
+
+def destroy_vm(host: TestHost, name: str = "vm1") -> None:
+    host.run(["virsh", "--connect", "qemu:///system", "destroy", name], check=False, timeout=60)
+
+
+def libvirt_volume_io(host: TestHost, pool: str = "th", mib: int = 400) -> None:
+    """File work the way libvirtd does it in production: a dir pool on the real disk (the
+    host's overlay root would make the image tmpfs shmem, not page cache), a volume of `mib`
+    MiB created, uploaded into and downloaded from. libvirtd's I/O helper does the reads and
+    writes inside libvirtd.service, so its cgroup is charged page cache no process maps."""
+    pool_dir = host.data_dir / f"pool-{pool}"
+    pool_dir.mkdir(exist_ok=True)
+    virsh(host, "pool-create-as", pool, "dir", "--target", str(pool_dir))
+    source = make_data_file(host, f"{pool}-upload.img", mib)  # O_DIRECT: not cached anywhere
+    virsh(host, "vol-create-as", pool, "big.img", f"{mib}M")
+    virsh(host, "vol-upload", "--pool", pool, "big.img", str(source), timeout=300)
+    virsh(host, "vol-download", "--pool", pool, "big.img", str(host.data_dir / f"{pool}-download.img"), timeout=300)
+
+
+def destroy_pool(host: TestHost, pool: str = "th") -> None:
+    host.run(["virsh", "--connect", "qemu:///system", "vol-delete", "--pool", pool, "big.img"], check=False)
+    host.run(["virsh", "--connect", "qemu:///system", "pool-destroy", pool], check=False)
+
+
+# ------------------------------------------------------------ user managers
+# logind is masked in the host, so pam_systemd sets no XDG_RUNTIME_DIR: the user manager
+# refuses to start without it, and `systemctl --user -M USER@` (which runs systemd-stdio-bridge
+# as the user in a transient system unit run-uN.service) cannot find the user's bus. Drop-ins
+# give both what logind would (run-.service.d applies to every run-*.service).
+USER_MANAGER_DROPIN = "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/%i\n"
+BRIDGE_DROPIN = "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/{uid}\n"
+
+
+def user_manager(host: TestHost, user: str = "u", uid: int = 1500) -> str:
+    """A real user (useradd -m) and its systemd --user manager, user@UID.service, started the
+    way logind starts it at login. Returns the manager's unit name."""
+    if host.run(["id", "-u", user], check=False).stdout.strip() != str(uid):
+        host.run(["useradd", "-m", "-u", str(uid), user])
+    changed = False
+    for path, text in (("/run/systemd/system/user@.service.d/th-xdg.conf", USER_MANAGER_DROPIN),
+                       ("/run/systemd/system/run-.service.d/th-xdg.conf", BRIDGE_DROPIN.format(uid=uid))):
+        if not host.path(path).exists() or host.path(path).read_text() != text:
+            host.write_file(path, text)
+            changed = True
+    if changed:
+        host.systemctl("daemon-reload")
+    host.systemctl("start", f"user@{uid}.service")
+    return f"user@{uid}.service"
+
+
+def user_systemctl(host: TestHost, user: str, *args: str, check: bool = True) -> str:
+    """`systemctl --user -M USER@ ...`: the user's own manager, asked from root."""
+    return host.run(["systemctl", "--user", f"--machine={user}@", "--no-pager", *args], check=check).stdout
+
+
+def user_show(host: TestHost, user: str, unit: str, *props: str) -> dict[str, str]:
+    out = user_systemctl(host, user, "show", *(f"--property={p}" for p in props), "--", unit)
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def user_payload(host: TestHost, user: str, unit: str, mode: str, *args: object, timeout: float = 60) -> str:
+    """The PAYLOAD as a Type=notify unit of USER's own manager (systemd-run --user -M USER@):
+    it lands in /user.slice/user-UID.slice/user@UID.service/app.slice/UNIT. The machine's
+    /usr/bin/python3, not host.python: that one may live under /root, closed to the user."""
+    argv = ["systemd-run", "--user", f"--machine={user}@", "--quiet", "--collect", f"--unit={unit}",
+            "-p", "Type=notify", "-p", f"TimeoutStartSec={int(timeout)}",
+            "--", "/usr/bin/python3", "-c", PAYLOAD, mode, *(str(a) for a in args)]
+    try:
+        host.run(argv, timeout=timeout + 10)
+    except HostCommandError as e:
+        raise HostError(f"starting {user}'s {unit} failed: {e.stderr.strip()}") from None
+    return unit
+
+
+def user_scope(host: TestHost, user: str, uid: int, unit: str, slice: str = "user.slice", mib: int = 20,
+               timeout: float = 30) -> str:
+    """A transient scope in USER's own manager, the way rootless podman makes one
+    (user@UID.service/user.slice/libpod-<id>.scope): `systemd-run --user --scope` run as the
+    user (a scope cannot be made through -M's bridge: its process must be the caller)."""
+    ready = host.exchange_dir / f"{unit}.ready"
+    ready.unlink(missing_ok=True)
+    proc = host.popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups",
+                       "systemd-run", "--user", "--quiet", "--scope", f"--unit={unit}", f"--slice={slice}",
+                       "--", "/usr/bin/python3", "-c", PAYLOAD, "anon", str(mib)],
+                      env={"READY_FILE": str(ready), "XDG_RUNTIME_DIR": f"/run/user/{uid}"},
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout, f"{user}'s {unit} to hold {mib} MiB")
+    except HostError:
+        proc.kill()
+        raise
+    if proc.poll() is not None:
+        raise HostError(f"starting {user}'s {unit} failed: {proc.stderr.read()}")
+    return unit
+
+
+def stop_user_units(host: TestHost, user: str, units: Iterable[str]) -> None:
+    units = list(units)
+    if units:
+        user_systemctl(host, user, "stop", "--", *units, check=False)
 
 
 def sample_workloads(host: TestHost) -> list[str]:

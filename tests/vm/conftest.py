@@ -31,14 +31,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end test against a real system (slow)")
     config.addinivalue_line("markers", "vm: uses the QEMU guest harness in tests/vm")
     config.addinivalue_line("markers", "layouts(*names): run only on guests booted with one of these cgroup layouts")
+    config.addinivalue_line("markers", "suites(*names): run only on guests of these Debian suites")
 
 
 def pytest_generate_tests(metafunc):
     """Every test that needs a guest runs once per selected guest its layouts marker admits."""
     if "guest_config" not in metafunc.fixturenames:
         return
-    marker = metafunc.definition.get_closest_marker("layouts")
-    guests = [g for g in selected_guests() if marker is None or g[1] in marker.args]
+    layouts = metafunc.definition.get_closest_marker("layouts")
+    suites = metafunc.definition.get_closest_marker("suites")
+    guests = [g for g in selected_guests() if (layouts is None or g[1] in layouts.args)
+              and (suites is None or g[0] in suites.args)]
     metafunc.parametrize("guest_config", guests, ids=[f"{s}-{l}" for s, l in guests],
                          indirect=True, scope="session")
 
