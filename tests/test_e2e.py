@@ -1,5 +1,7 @@
 """The truth test: the exporter runs inside a real systemd (tests/testhost), talks pystemd to
-its D-Bus, and every figure is checked against what systemctl and /proc say there.
+its D-Bus, and every figure is checked against what systemctl and /proc say there. Every test
+runs on both cgroup v1 layouts: hybrid (the machine's own, cgroup2 at unified/ for process
+tracking) and legacy (all v1, systemd tracking in name=systemd: openEuler's default).
 
 The same checks run on cgroup v2 in the QEMU guest (tests/vm); helpers shared with it live
 in tests/truth.py.
@@ -14,9 +16,10 @@ import urllib.request
 
 import pytest
 
-from tests.testhost import workloads
+from tests.testhost import TestHost, require_available, workloads
 from tests.truth import (
     MiB,
+    check_accounting_off,
     check_anon_hog,
     check_multi_process,
     check_page_cache_reader,
@@ -28,6 +31,18 @@ from tests.truth import (
 pytestmark = pytest.mark.e2e
 
 INTERVAL = 1.0
+
+
+@pytest.fixture(scope="module", params=("hybrid", "legacy"))
+def testhost(request, testhost):
+    """This module's host: the session's hybrid one (tests/conftest.py), or a legacy one booted
+    for the module (it boots in under a second)."""
+    if request.param == "hybrid":
+        yield testhost
+        return
+    require_available()
+    with TestHost(name="legacy", layout="legacy") as host:
+        yield host
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +116,7 @@ def test_rss_equals_proc_sums_for_the_same_pids(testhost, exporter, units):
     for key in ("anon", "multi", "nested"):
         unit = units[key]
         cgroup = testhost.unit_cgroup(unit)
-        sums = proc_sums_script(f"/sys/fs/cgroup/unified{cgroup}")
+        sums = proc_sums_script(f"/sys/fs/cgroup/{testhost.procs_hierarchy}{cgroup}")
         expected = {k: int(v) for k, v in (x.split("=") for x in testhost.run(["python3", "-c", sums]).stdout.split())}
         m = exporter.scrape()
         assert m.value("systemd_unit_processes", unit=unit) == expected["processes"]
@@ -154,11 +169,13 @@ def test_short_lived_units_come_and_go_without_errors(testhost, exporter):
     assert not [u for u in m.label_values("systemd_unit_info", "unit") if u.startswith("th-short")]
 
 
-def test_self_health_is_up(exporter, units):
+def test_self_health_is_up(testhost, exporter, units):
     m = exporter.scrape()
     for source in ("dbus", "cgroup", "procfs"):
         assert m.value("systemd_memory_exporter_source_up", source=source) == 1, source
-    assert m.value("systemd_memory_exporter_cgroup_layout_info", layout="hybrid", memory_controller="v1") == 1
+    assert m.value("systemd_memory_exporter_cgroup_layout_info", layout=testhost.layout, memory_controller="v1") == 1
+    assert len([s for s in m.samples if s.name == "systemd_memory_exporter_cgroup_layout_info"]) == 1
+    assert testhost.path("/sys/fs/cgroup/unified").exists() == (testhost.layout == "hybrid")
     assert time.time() - m.value("systemd_memory_exporter_last_sample_timestamp_seconds") < 3 * INTERVAL + 2
 
 
@@ -197,6 +214,31 @@ def test_explain_unknown_unit_fails_clearly(testhost):
     r = testhost.run(["python3", "-m", "exporter", "explain", "no-such.service"], check=False)
     assert r.returncode == 1
     assert "no-such.service" in r.stderr
+
+
+def test_units_without_memory_accounting(testhost, exporter, units):
+    """MemoryAccounting=no on v1: in system.slice, whose other members account memory, systemd
+    still gives the unit a memory cgroup (its siblings' controllers) and the exporter reports
+    that cgroup's figures; alone in a slice it gets none, its pages are charged to the slice,
+    and the exporter reports no cgroup figure for it rather than the slice's."""
+    sibling = workloads.payload(testhost, "th-noacct-sibling.service", "anon", 30,
+                                properties=["MemoryAccounting=no"])
+    alone = workloads.payload(testhost, "th-noacct-alone.service", "anon", 30,
+                              properties=["MemoryAccounting=no"], slice="th-noacct.slice")
+    try:
+        for unit in (sibling, alone):
+            assert testhost.show(unit, "MemoryCurrent")["MemoryCurrent"] == "[not set]"
+        memory = testhost.path("/sys/fs/cgroup/memory")
+        own = memory / testhost.unit_cgroup(sibling).lstrip("/")
+        assert own.is_dir() and not (memory / testhost.unit_cgroup(alone).lstrip("/")).exists()
+        exporter.next_sample()
+        m = exporter.scrape()
+        check_accounting_off(m, sibling, 30, int((own / "memory.usage_in_bytes").read_text()))
+        check_accounting_off(m, alone, 30, None)
+        # Its pages are the slice's: what the exporter must not report as the unit's own.
+        assert m.value("systemd_unit_memory_bytes", unit="th-noacct.slice", type="cgroup_usage") >= 30 * MiB
+    finally:
+        workloads.stop_units(testhost, [sibling, alone])
 
 
 def test_private_socket_fallback_without_dbus(testhost, exporter, units):

@@ -48,7 +48,9 @@ def _openssl(*args: str, cwd: Path) -> None:
 def _issue(d: Path, name: str, ca: str, san: str, usage: str) -> None:
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
+    # keyUsage and authorityKeyIdentifier: Python 3.13's clients verify strictly (VERIFY_X509_STRICT).
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n"
+                                   "keyUsage=critical,digitalSignature\nauthorityKeyIdentifier=keyid,issuer\n")
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
              "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=d)
 
@@ -60,7 +62,8 @@ def pki(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "rogue-ca"):
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN={ca}", "-days", "2", cwd=d)
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN={ca}", "-days", "2",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
     _issue(d, "server", "ca", "IP:127.0.0.1,DNS:localhost", "serverAuth")
     _issue(d, "client", "ca", "DNS:scraper.example", "clientAuth")
     _issue(d, "rogue", "rogue-ca", "DNS:scraper.example", "clientAuth")

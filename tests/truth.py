@@ -11,6 +11,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -147,6 +149,26 @@ def check_multi_process(m: Scrape, unit: str) -> None:
     assert m.value("systemd_unit_processes", unit=unit) == 5
     # Forked children share their parent's pages: summed RSS exceeds what the cgroup holds.
     assert m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= 80 * MiB
+
+
+def check_accounting_off(m: Scrape, unit: str, mib: int, own_usage: int | None) -> None:
+    """A unit with MemoryAccounting=no holding `mib` MiB (systemctl: MemoryCurrent [not set]).
+    Top's view stays; its cgroup figures are its own cgroup's when it has memory files
+    (`own_usage`: what they say) and absent when it has none, never its parent's."""
+    assert m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= (mib - 5) * MiB
+    assert m.value("systemd_unit_processes", unit=unit) == 1
+    usage = m.get("systemd_unit_memory_bytes", unit=unit, type="cgroup_usage")
+    if own_usage is None:
+        assert usage is None, f"{unit} has no memory cgroup, yet cgroup_usage={usage} (its parent's?)"
+        cgroup_families = ("systemd_unit_memory_stat_bytes", "systemd_unit_memory_limit_bytes",
+                           "systemd_unit_memory_events_total", "systemd_unit_memory_working_set_bytes")
+        assert not [s for s in m.samples if s.name in cgroup_families and s.labels.get("unit") == unit]
+        kinds = {s.labels["type"] for s in m.samples
+                 if s.name == "systemd_unit_memory_bytes" and s.labels["unit"] == unit}
+        assert kinds == {"rss_anon", "rss_file", "rss_shmem"}, kinds
+    else:
+        assert usage == pytest.approx(own_usage, rel=0.02), (unit, usage, own_usage)
+        assert m.value("systemd_unit_memory_stat_bytes", unit=unit, item="anon") >= (mib - 5) * MiB
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Command line for humans: python -m tests.testhost {boot,exec,stop,demo-workloads,demo,list,cleanup}.
 
-  boot [--name N] [--bind PATH] [--workloads]   boot a host and keep it until ^C / SIGTERM / `stop`
+  boot [--name N] [--bind PATH] [--layout hybrid|legacy] [--workloads]   boot a host and keep it until ^C / SIGTERM / `stop`
   exec NAME [--] CMD...                          run CMD inside a booted host (stdio passed through)
   stop NAME                                      make the `boot` process of NAME tear it down
   demo-workloads NAME                            start the sample workloads in a booted host
@@ -37,7 +37,7 @@ def describe(host: TestHost, units: list[str]) -> str:
 
 
 def cmd_boot(args) -> int:
-    host = TestHost(name=args.name, extra_binds=args.bind)
+    host = TestHost(name=args.name, extra_binds=args.bind, layout=args.layout)
     try:
         host.start()
         print(f"host {host.name} running (systemd pid {host.pid}, booted in {host.boot_seconds:.2f}s)\n"
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("boot", help="boot a host and keep it until ^C")
     p.add_argument("--name", default="dev")
     p.add_argument("--bind", action="append", default=[], help="extra path to bind into the host (same path)")
+    p.add_argument("--layout", choices=("hybrid", "legacy"), default="hybrid", help="cgroup layout inside")
     p.add_argument("--workloads", action="store_true", help="also start the sample workloads")
     p.set_defaults(func=cmd_boot)
     p = sub.add_parser("exec", help="run a command inside a booted host")

@@ -1,4 +1,9 @@
-"""A throwaway real systemd (252, cgroup v1 hybrid) booted in private namespaces.
+"""A throwaway real systemd (252, cgroup v1: hybrid or legacy) booted in private namespaces.
+
+``layout="hybrid"`` (default, the machine's own): every v1 hierarchy plus cgroup2 at
+``unified/``. ``layout="legacy"``: no cgroup2 mount inside and PID 1 started with
+LEGACY_ARGS, the all-v1 layout openEuler's systemd defaults to (in a container systemd reads
+"kernel command line" options from its own argv, and without them it mounts cgroup2 itself).
 
 Layout (see NOTES.md): the host gets its own cgroup ``th-…`` in every v1
 hierarchy except cpuset and in the unified one, its own PID/mount/cgroup/UTS/IPC
@@ -43,6 +48,8 @@ SYSTEMD = "/lib/systemd/systemd"
 TARGET = "th-host.target"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LAYOUTS = ("hybrid", "legacy")
+LEGACY_ARGS = ("systemd.unified_cgroup_hierarchy=0", "systemd.legacy_systemd_cgroup_controller=1")
 
 # Units that would touch kernel or machine-wide state (sysctls, modules, udev,
 # devices, clock, network, disks) or are pointless in a container.  They are
@@ -169,9 +176,12 @@ class TestHost:
     __test__ = False  # not a pytest test class despite the name
 
     def __init__(self, name: str = "host", extra_binds: Iterable[str | tuple[str, str]] = (),
-                 checkout: str | Path = REPO_ROOT):
+                 checkout: str | Path = REPO_ROOT, layout: str = "hybrid"):
         if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
             raise ValueError(f"host name must match [A-Za-z0-9_.]+: {name!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}: {layout!r}")
+        self.layout = layout
         self.name = f"{PREFIX}{name}-{os.getpid()}-{next(_seq)}"
         self.checkout = Path(checkout).resolve()
         self.state_dir = STATE_ROOT / self.name
@@ -247,7 +257,8 @@ class TestHost:
         self.boot_seconds = time.monotonic() - t0
         self._write_json("host.json", {"name": self.name, "pid": self.pid, "owner": _proc_identity(os.getpid()),
                                        "checkout": str(self.checkout), "data_dir": str(self.data_dir),
-                                       "exchange_dir": str(self.exchange_dir), "python": self.python})
+                                       "exchange_dir": str(self.exchange_dir), "python": self.python,
+                                       "layout": self.layout})
         return self
 
     def stop(self) -> None:
@@ -277,7 +288,7 @@ class TestHost:
     def attach(cls, name: str) -> "TestHost":
         """A handle on a host booted by another process (e.g. ``python -m tests.testhost boot``)."""
         info = json.loads((STATE_ROOT / name / "host.json").read_text())
-        host = cls(checkout=info["checkout"])
+        host = cls(checkout=info["checkout"], layout=info.get("layout", "hybrid"))
         host.name, host.pid, host._owned = name, info["pid"], False
         host.state_dir = STATE_ROOT / name
         host.data_dir, host.exchange_dir = Path(info["data_dir"]), Path(info["exchange_dir"])
@@ -355,6 +366,11 @@ class TestHost:
         p = self.path(inside)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
+
+    @property
+    def procs_hierarchy(self) -> str:
+        """Where systemd tracks processes inside: cgroup2 on hybrid, name=systemd on legacy."""
+        return "systemd" if self.layout == "legacy" else "unified"
 
     def cgroup_dir(self, controller: str = "memory") -> Path:
         """The host's root cgroup on the machine (= /sys/fs/cgroup/<controller> inside)."""
@@ -514,6 +530,8 @@ class TestHost:
             "mount -t tmpfs -o mode=755,nosuid,nodev,noexec th-cgroup sys/fs/cgroup",
         ]
         for dirname, (fstype, opts) in _mount_specs().items():
+            if self.layout == "legacy" and fstype == "cgroup2":
+                continue  # legacy: v1 hierarchies only
             lines.append(f"mkdir sys/fs/cgroup/{dirname}; mount -t {fstype} -o {opts} cgroup sys/fs/cgroup/{dirname}")
         for link, target in _cgroup_symlinks().items():
             lines.append(f"ln -s {q(target)} sys/fs/cgroup/{q(link)}")
@@ -530,7 +548,8 @@ class TestHost:
             f"/usr/bin/python3 -c {q(CONSOLE_READER)}",
             # empty generator path: no fstab/sysv/getty units from the machine's config
             f"exec env -i container={q(self.name)} SYSTEMD_COLORS=0 SYSTEMD_GENERATOR_PATH=/run/th-no-generators "
-            f"{SYSTEMD} --system --unit={TARGET}",
+            f"{SYSTEMD} --system --unit={TARGET}" + "".join(
+                f" {arg}" for arg in (LEGACY_ARGS if self.layout == "legacy" else ())),
         ]
         return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ import tarfile
 from pathlib import Path
 
 from . import workloads
+from .guest import VENV_PYTHON
 from .image import GUEST_PROJECT
 
 GUEST_OUT = "/var/tmp/v2"
@@ -32,7 +33,7 @@ def capture(vm, out):
     started = workloads.sample_workloads(vm)
     try:
         vm.run(["rm", "-rf", GUEST_OUT], check=True)
-        vm.run(["python3", "-m", "tests.fixtures.capture", GUEST_OUT, UNITS], cwd=GUEST_PROJECT,
+        vm.run([VENV_PYTHON, "-m", "tests.fixtures.capture", GUEST_OUT, UNITS], cwd=GUEST_PROJECT,
                check=True, timeout=120)
         archive = vm.run(["tar", "-C", GUEST_OUT, "-cz", "."], check=True, text=False).stdout
     finally:

@@ -1,4 +1,5 @@
-"""Fixtures for the cgroup-v2 QEMU guest tests (see NOTES.md)."""
+"""Fixtures for the QEMU guest tests (see NOTES.md): one guest per (Debian suite, cgroup layout)
+in GUESTS, booted one after another (pytest groups the tests by the session-scoped guest)."""
 import os
 import time
 from pathlib import Path
@@ -6,20 +7,65 @@ from pathlib import Path
 import pytest
 
 from . import image
-from .guest import Guest
+from .guest import Guest, build_exporter_wheel
 
+# What CI runs: bullseye on legacy (systemd 247, Python 3.9: the nearest Debian gets to
+# openEuler 22.03), bookworm (systemd 252, Python 3.11) and trixie (systemd 257, Python 3.13)
+# on unified. SMX_VM_GUESTS="bookworm:unified,bullseye:hybrid" picks others.
+GUESTS = (("bullseye", "legacy"), ("bookworm", "unified"), ("trixie", "unified"))
 TIMINGS = {}  # step -> seconds, printed at the end of the run
+
+
+def selected_guests():
+    chosen = os.environ.get("SMX_VM_GUESTS")
+    if not chosen:
+        return GUESTS
+    guests = tuple(tuple(item.split(":", 1)) for item in chosen.split(",") if item)
+    for suite, layout in guests:
+        if suite not in image.SUITES or layout not in image.SUITES[suite].layouts:
+            raise pytest.UsageError(f"SMX_VM_GUESTS: {suite}:{layout} is not a guest we can boot")
+    return guests
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end test against a real system (slow)")
-    config.addinivalue_line("markers", "vm: uses the QEMU cgroup-v2 guest harness in tests/vm")
+    config.addinivalue_line("markers", "vm: uses the QEMU guest harness in tests/vm")
+    config.addinivalue_line("markers", "layouts(*names): run only on guests booted with one of these cgroup layouts")
+    config.addinivalue_line("markers", "suites(*names): run only on guests of these Debian suites")
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that needs a guest runs once per selected guest its layouts marker admits."""
+    if "guest_config" not in metafunc.fixturenames:
+        return
+    layouts = metafunc.definition.get_closest_marker("layouts")
+    suites = metafunc.definition.get_closest_marker("suites")
+    guests = [g for g in selected_guests() if (layouts is None or g[1] in layouts.args)
+              and (suites is None or g[0] in suites.args)]
+    metafunc.parametrize("guest_config", guests, ids=[f"{s}-{l}" for s, l in guests],
+                         indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test whose layouts no selected guest has is deselected, not skipped (CI fails on a skip)."""
+    # (pytest parametrizes an empty list with a NOTSET placeholder and a skip mark)
+    unplaced = [item for item in items if "guest_config" in getattr(item, "fixturenames", ())
+                and not isinstance(getattr(getattr(item, "callspec", None), "params", {}).get("guest_config"), tuple)]
+    if unplaced:
+        config.hook.pytest_deselected(items=unplaced)
+        items[:] = [item for item in items if item not in unplaced]
 
 
 def pytest_terminal_summary(terminalreporter):
     if TIMINGS:
         steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in TIMINGS.items())
         terminalreporter.write_line(f"vm harness timings: {steps}")
+
+
+@pytest.fixture(scope="session")
+def guest_config(request):
+    """(suite, layout) of the guest a test runs on."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -36,19 +82,31 @@ def kernel():
 
 
 @pytest.fixture(scope="session")
-def vm_image(kernel):
+def vm_image(kernel, guest_config):
+    suite = guest_config[0]
     started = time.monotonic()
-    path = image.build()
-    TIMINGS["image (build or cache)"] = time.monotonic() - started
+    path = image.build(suite)
+    TIMINGS[f"{suite} image (build or cache)"] = time.monotonic() - started
     return path
 
 
 @pytest.fixture(scope="session")
-def vm(vm_image, kernel, tmp_path_factory):
-    """One booted guest for the whole session."""
-    guest = Guest(vm_image, kernel, tmp_path_factory.mktemp("vm"))
+def exporter_wheel(tmp_path_factory):
+    """The checkout as a wheel, built once per session on the host."""
+    return build_exporter_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def vm(vm_image, kernel, guest_config, exporter_wheel, tmp_path_factory):
+    """One booted guest per (suite, layout), with the exporter pip-installed into its venv."""
+    suite, layout = guest_config
+    guest = Guest(vm_image, kernel, tmp_path_factory.mktemp(f"vm-{suite}-{layout}"),
+                  layout=layout, suite=image.SUITES[suite])
     with guest:
-        TIMINGS["boot"] = guest.boot_seconds
+        TIMINGS[f"{suite}-{layout} boot"] = guest.boot_seconds
+        started = time.monotonic()
+        guest.install_exporter(exporter_wheel)
+        TIMINGS[f"{suite}-{layout} pip install"] = time.monotonic() - started
         yield guest
     # Tear-down must not leave the QEMU we started behind.
     assert guest.proc.returncode is not None

@@ -7,6 +7,8 @@ The guest has no network (-nic none); the host talks to the agent through a
 virtio-serial port backed by a unix socket in workdir.  The checkout is
 shared read-only over 9p at /project, swap is a scratch virtio disk, and the
 root disk is opened with snapshot=on so the cached image is never written.
+`layout` picks the cgroup layout systemd boots (LAYOUT_ARGS); install_exporter()
+pip-installs the checkout's wheel into the image's venv (image.VENV).
 """
 import base64
 import ctypes
@@ -14,21 +16,34 @@ import json
 import shlex
 import signal
 import socket
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-from .image import GUEST_PROJECT, PROJECT_TAG
+from .image import GUEST_PROJECT, PROJECT_TAG, VENV
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_ARGS = [
     "console=ttyS0", "root=/dev/vda", "rootfstype=ext4", "rw",
-    "systemd.unified_cgroup_hierarchy=1",
     "systemd.firstboot=off",  # never prompt on the console
     "panic=-1",  # with -no-reboot a kernel panic ends QEMU instead of hanging
 ]
+# unified: cgroup v2 only; hybrid: v1 controllers plus cgroup2 at unified/ for tracking;
+# legacy: all v1, systemd tracking in name=systemd (openEuler's -Ddefault-hierarchy=legacy).
+LAYOUT_ARGS = {
+    "unified": ["systemd.unified_cgroup_hierarchy=1"],
+    "hybrid": ["systemd.unified_cgroup_hierarchy=0"],
+    "legacy": ["systemd.unified_cgroup_hierarchy=0", "systemd.legacy_systemd_cgroup_controller=1"],
+}
 CGROUP_ROOT = "/sys/fs/cgroup"
+EXPORTER = f"{VENV}/bin/systemd-memory-exporter"
+VENV_PYTHON = f"{VENV}/bin/python"
+# What the wheel is built from (pyproject.toml's packages and data-files), copied out of the
+# checkout so the build leaves no build/ or egg-info behind in it.
+WHEEL_INPUTS = ("pyproject.toml", "README.md", "exporter", "grafana", "deploy")
 _FETCH = """\
 import sys, urllib.request
 with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:
@@ -38,6 +53,27 @@ with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:
 
 class GuestError(RuntimeError):
     pass
+
+
+def build_exporter_wheel(dest, repo=REPO):
+    """The checkout as a wheel, built on the host (pure Python): what the guests pip-install."""
+    dest = Path(dest)
+    source = dest / "source"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    for name in WHEEL_INPUTS:
+        path = Path(repo) / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, source / name)
+    # Build isolation: pyproject.toml's license string needs a newer setuptools than Debian's.
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                            "--wheel-dir", str(dest), str(source)], capture_output=True, text=True)
+    if built.returncode:
+        raise GuestError(f"building the exporter's wheel failed:\n{built.stdout[-3000:]}{built.stderr[-3000:]}")
+    shutil.rmtree(source)
+    return next(dest.glob("systemd_memory_exporter-*.whl"))
 
 
 def _die_with_parent():
@@ -60,7 +96,11 @@ def wait_until(predicate, timeout, interval=0.5, what="condition"):
 
 class Guest:
     def __init__(self, image, kernel, workdir, project_dir=REPO,
-                 memory_mib=2048, cpus=2, swap_mib=1024):
+                 memory_mib=2048, cpus=2, swap_mib=1024, layout="unified", suite=None):
+        if layout not in LAYOUT_ARGS:
+            raise ValueError(f"layout must be one of {sorted(LAYOUT_ARGS)}: {layout!r}")
+        self.layout = layout
+        self.suite = suite  # image.Suite or None: what the tests expect of the guest
         self.image = Path(image)
         self.kernel = kernel
         self.workdir = Path(workdir)
@@ -90,7 +130,7 @@ class Guest:
             "-nodefaults", "-no-user-config", "-display", "none",
             "-nic", "none", "-no-reboot",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.kernel.initrd),
-            "-append", " ".join(KERNEL_ARGS),
+            "-append", " ".join(KERNEL_ARGS + LAYOUT_ARGS[self.layout]),
             "-serial", f"file:{self.console_log}",
             "-drive", f"file={self.image},format=raw,if=virtio,snapshot=on",
             "-drive", f"file={self.swap_path},format=raw,if=virtio",
@@ -284,12 +324,37 @@ class Guest:
         return self.run(["systemctl", "show", "--value", f"--property={name}", unit],
                         check=True).stdout.strip()
 
-    def cgroup_dir(self, unit):
-        """The unit's cgroup directory in the guest, e.g. /sys/fs/cgroup/system.slice/x.service."""
+    @property
+    def memory_root(self):
+        """Where the memory controller's files are: the v2 root, or the v1 memory hierarchy."""
+        return CGROUP_ROOT if self.layout == "unified" else CGROUP_ROOT + "/memory"
+
+    @property
+    def procs_root(self):
+        """The hierarchy systemd tracks processes in (cgroup.procs of every unit)."""
+        return {"unified": CGROUP_ROOT, "hybrid": CGROUP_ROOT + "/unified",
+                "legacy": CGROUP_ROOT + "/systemd"}[self.layout]
+
+    def cgroup_dir(self, unit, root=None):
+        """The unit's cgroup directory in the guest under root (default: where its processes
+        are listed), e.g. /sys/fs/cgroup/system.slice/x.service."""
         group = self.unit_property(unit, "ControlGroup")
         if not group:
             raise GuestError(f"{unit} has no cgroup (not running?)")
-        return CGROUP_ROOT + group
+        return (root or self.procs_root) + group
+
+    def memory_dir(self, unit):
+        return self.cgroup_dir(unit, self.memory_root)
+
+    def install_exporter(self, wheel, timeout=600):
+        """pip install the wheel into the image's venv, offline: its dependencies (pystemd
+        built against the guest's libsystemd) are there already, and pip checks they fit."""
+        wheel = Path(wheel)
+        target = f"/var/tmp/{wheel.name}"
+        self.run(["sh", "-c", f"cat > {target}"], input=wheel.read_bytes(), check=True)
+        return self.run([f"{VENV}/bin/pip", "install", "--no-index", "--no-cache-dir",
+                         "--disable-pip-version-check", "--no-warn-script-location", target],
+                        timeout=timeout, check=True)
 
     def journal(self, unit, lines=50):
         return self.run(["journalctl", "--no-pager", "-n", str(lines), "-u", unit]).stdout

@@ -1,9 +1,13 @@
-"""Build and cache the Debian bookworm guest image for the cgroup-v2 tests.
+"""Build and cache a Debian guest image (bullseye, bookworm or trixie) for the guest tests.
 
 The image is a raw ext4 file made from a debootstrap tree plus the host's
-Debian kernel modules, the guest agent and a few config files.  It is cached
-under CACHE_DIR/<key>/ where <key> hashes everything that goes into it, so a
-change to this file, the agent, the package list or the kernel rebuilds it.
+Debian kernel modules, the guest agent and a few config files, and a venv of
+the guest's own python3 at VENV holding the exporter's dependencies, pystemd
+compiled there against the guest's libsystemd (pip, offline, from wheels and
+sdists downloaded on the host; the exporter itself is pip-installed into it at
+boot, see guest.install_exporter).  It is cached under CACHE_DIR/<suite>-<key>/
+where <key> hashes everything that goes into it, so a change to this file, the
+agent, the package list, the dependencies or the kernel rebuilds it.
 """
 import fcntl
 import glob
@@ -17,13 +21,40 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SUITE = "bookworm"
+from packaging.requirements import Requirement
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    systemd: int   # major version it ships
+    python: str    # its python3, "3.9"
+    glibc: tuple   # for the manylinux tags its pip accepts
+    layouts: tuple  # cgroup layouts its systemd boots
+
+
+SUITES = {s.name: s for s in (
+    Suite("bullseye", 247, "3.9", (2, 31), ("legacy", "hybrid", "unified")),
+    Suite("bookworm", 252, "3.11", (2, 36), ("legacy", "hybrid", "unified")),
+    # systemd 256+ refuses cgroup v1 unless forced: trixie is v2 only.
+    Suite("trixie", 257, "3.13", (2, 41), ("unified",)),
+)}
+DEFAULT_SUITE = "bookworm"
+HOST_SUITE = "bookworm"  # the host's apt sources name it; the same archive serves the others
 PACKAGES = [
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "procps", "python3",
-    "python3-psutil", "python3-prometheus-client", "python3-pystemd",
+    # What a user of the distribution needs to pip-install the exporter into a venv of its
+    # python3: pystemd is built from its sdist against the guest's libsystemd.
+    "python3-venv", "python3-dev", "gcc", "libc6-dev", "libsystemd-dev", "pkg-config",
 ]
+VENV = "/opt/systemd-memory-exporter"  # the guest's venv, as README's deployment section has it
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+# Build requirements of pystemd's sdist (its pyproject.toml), installed by pip's build isolation.
+BUILD_REQUIREMENTS = ["setuptools>=64", "wheel", "cython"]
 IMAGE_SIZE = "2G"
-CACHE_DIR = Path(os.environ.get("SMX_VM_CACHE", "/var/cache/systemd-memory-exporter-vm"))
+# One image per suite, side by side. Not the single-image directory of before
+# (/var/cache/systemd-memory-exporter-vm): that code deleted every entry but its own.
+CACHE_DIR = Path(os.environ.get("SMX_VM_CACHE", "/var/cache/systemd-memory-exporter-guests"))
 HERE = Path(__file__).resolve().parent
 AGENT = HERE / "agent.py"
 GUEST_PROJECT = "/project"  # where the checkout is mounted in the guest
@@ -93,15 +124,15 @@ def missing_prerequisites():
     return missing
 
 
-def parse_apt_sources(texts):
-    """Archive URIs serving SUITE/main from one-line and deb822 source files."""
+def parse_apt_sources(texts, suite=HOST_SUITE):
+    """Archive URIs serving suite/main from one-line and deb822 source files."""
     uris = []
     for text in texts:
         for line in text.splitlines():
             fields = line.split("#", 1)[0].split()
             if fields[:1] == ["deb"]:
                 fields = [f for f in fields[1:] if not f.startswith("[")]
-                if len(fields) >= 3 and fields[1] == SUITE and "main" in fields[2:]:
+                if len(fields) >= 3 and fields[1] == suite and "main" in fields[2:]:
                     uris.append(fields[0])
         for stanza in re.split(r"\n\s*\n", text):
             entry = {}
@@ -109,7 +140,7 @@ def parse_apt_sources(texts):
                 if ":" in line and not line.startswith(("#", " ")):
                     name, value = line.split(":", 1)
                     entry[name.strip().lower()] = value.split()
-            if ("deb" in entry.get("types", []) and SUITE in entry.get("suites", [])
+            if ("deb" in entry.get("types", []) and suite in entry.get("suites", [])
                     and "main" in entry.get("components", [])):
                 uris.extend(entry.get("uris", []))
     return [u for u in uris if u.startswith(("http://", "https://"))]
@@ -121,13 +152,70 @@ def apt_mirror():
              and os.path.isfile(f)]
     uris = parse_apt_sources(texts)
     if not uris:
-        raise BuildError(f"no apt source for {SUITE} main in {files}")
+        raise BuildError(f"no apt source for {HOST_SUITE} main in {files}")
     return uris[0]
 
 
-def cache_key(kernel):
+def guest_requirements(suite, pyproject=PYPROJECT):
+    """The project's dependencies whose markers hold on the suite's python3, as pip lines."""
+    import tomllib
+    deps = tomllib.loads(Path(pyproject).read_text())["project"]["dependencies"]
+    env = {"python_version": suite.python, "python_full_version": suite.python + ".0",
+           "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython",
+           "os_name": "posix"}
+    lines = []
+    for dep in deps:
+        req = Requirement(dep)
+        if req.marker is None or req.marker.evaluate(env):
+            req.marker = None
+            lines.append(str(req))
+    return lines
+
+
+def manylinux_platforms(glibc):
+    """pip --platform tags a glibc of that version accepts (pip takes no ranges)."""
+    major, top = glibc
+    tags = [f"manylinux_{major}_{minor}_x86_64" for minor in range(top, 4, -1)]
+    return tags + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+
+
+def download_wheels(suite, dest, log):
+    """Wheels (and pystemd's sdist) for the suite's python3, into dest, on the host."""
+    reqs = guest_requirements(suite)
+    pystemd = [r for r in reqs if Requirement(r).name == "pystemd"]
+    binary = [r for r in reqs if Requirement(r).name != "pystemd"]
+    target = ["--python-version", suite.python, "--implementation", "cp",
+              "--abi", "cp" + suite.python.replace(".", "")]
+    for tag in manylinux_platforms(suite.glibc):
+        target += ["--platform", tag]
+    pip = ["python3", "-m", "pip", "download", "--quiet", "--dest", str(dest)]
+    # lxml and psutil are pystemd's own dependencies: binary wheels as well.
+    _run([*pip, "--only-binary=:all:", *target, *binary, *BUILD_REQUIREMENTS, "lxml", "psutil"], log)
+    _run([*pip, "--no-deps", "--no-binary=:all:", *pystemd], log)
+    (Path(dest) / "requirements.txt").write_text("\n".join(reqs) + "\n")
+
+
+# Inside the debootstrap tree: a venv of the guest's python3 and pip install offline. Far
+# faster than under TCG, and pystemd still compiles against the guest's own libsystemd.
+VENV_SCRIPT = """\
+set -eu
+root=$1 wheels=$2 venv=$3
+mount -t proc proc "$root/proc"
+mkdir -p "$root/tmp/wheels"
+mount --bind "$wheels" "$root/tmp/wheels"
+chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root sh -euc "
+python3 -m venv $venv
+$venv/bin/pip install --no-index --find-links /tmp/wheels --no-cache-dir --no-warn-script-location -r /tmp/wheels/requirements.txt
+$venv/bin/pip list --format=freeze > $venv/smx-requirements.txt
+"
+"""
+
+
+def cache_key(kernel, suite=None):
+    suite = suite or SUITES[DEFAULT_SUITE]
     h = hashlib.sha256()
-    for part in (SUITE, " ".join(PACKAGES), kernel.version,
+    for part in (suite.name, " ".join(PACKAGES), " ".join(guest_requirements(suite)), kernel.version,
                  Path(__file__).read_bytes(), AGENT.read_bytes(),
                  kernel.vmlinuz.read_bytes()):
         h.update(part if isinstance(part, bytes) else part.encode())
@@ -173,24 +261,28 @@ def _customize(root, kernel):
     for unit in MASKED_UNITS:
         (root / "etc/systemd/system" / unit).symlink_to("/dev/null")
     (root / GUEST_PROJECT.lstrip("/")).mkdir()
-    # bookworm is merged-/usr: write below usr/ rather than through root/lib.
-    shutil.copytree(kernel.modules, root / "usr/lib/modules" / kernel.version, symlinks=True)
+    # On a merged-/usr tree write below usr/ rather than through the root/lib symlink.
+    lib = "usr/lib" if (root / "lib").is_symlink() else "lib"
+    shutil.copytree(kernel.modules, root / lib / "modules" / kernel.version, symlinks=True)
 
 
-def build(cache_dir=CACHE_DIR, log=print):
-    """Return the path of a cached image for the current inputs, building it if needed."""
+def build(suite=DEFAULT_SUITE, cache_dir=CACHE_DIR, log=print):
+    """Return the path of a cached image of suite for the current inputs, building it if needed."""
+    suite = SUITES[suite]
     kernel = find_kernel()
     if kernel is None:
         raise BuildError("no Debian 6.1 kernel in /boot (apt-get install linux-image-amd64)")
-    key = cache_key(kernel)
-    entry = cache_dir / key
+    key = cache_key(kernel, suite)
+    entry = cache_dir / f"{suite.name}-{key}"
     image = entry / "rootfs.img"
+    if image.exists():  # complete entries are renamed into place, never written again
+        return image
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time per machine
+    with open(cache_dir / f"{suite.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per suite at a time per machine
         if image.exists():
             return image
-        work = cache_dir / f"{key}.building"
+        work = cache_dir / f"{suite.name}-{key}.building"
         if mounts_below(work):
             raise BuildError(f"mounts left below {work}: {mounts_below(work)}")
         shutil.rmtree(work, ignore_errors=True)
@@ -198,31 +290,48 @@ def build(cache_dir=CACHE_DIR, log=print):
         root = work / "root"
         timings = {}
         mirror = apt_mirror()
-        log(f"vm image: debootstrap {SUITE} from {mirror} into {root}")
+        log(f"vm image: debootstrap {suite.name} from {mirror} into {root}")
         start = time.monotonic()
         try:
             # A private mount namespace drops debootstrap's proc/sys mounts
             # even if it dies half way.
             _run(["unshare", "--mount", "--propagation", "private",
                   "debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-                  SUITE, str(root), mirror], work / "build.log")
+                  suite.name, str(root), mirror], work / "build.log")
         finally:
             if mounts_below(root):
                 raise BuildError(f"mounts left below {root}: {mounts_below(root)}")
         timings["debootstrap_s"] = round(time.monotonic() - start, 1)
+        start = time.monotonic()
+        wheels = work / "wheels"
+        wheels.mkdir()
+        download_wheels(suite, wheels, work / "build.log")
+        timings["download_s"] = round(time.monotonic() - start, 1)
+        start = time.monotonic()
+        try:
+            _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", VENV_SCRIPT, "sh",
+                  str(root), str(wheels), VENV], work / "build.log")
+        finally:
+            if mounts_below(root):
+                raise BuildError(f"mounts left below {root}: {mounts_below(root)}")
+        (root / "tmp/wheels").rmdir()
+        installed = (root / VENV.lstrip("/") / "smx-requirements.txt").read_text().split()
+        timings["venv_s"] = round(time.monotonic() - start, 1)
         start = time.monotonic()
         _customize(root, kernel)
         _run(["mkfs.ext4", "-q", "-F", "-L", "smx-root", "-d", str(root),
               str(work / "rootfs.img"), IMAGE_SIZE], work / "build.log")
         shutil.rmtree(root)
         timings["customize_mkfs_s"] = round(time.monotonic() - start, 1)
-        meta = {"key": key, "suite": SUITE, "packages": PACKAGES, "mirror": mirror,
+        meta = {"key": key, "suite": suite.name, "packages": PACKAGES, "mirror": mirror,
+                "venv": VENV, "requirements": guest_requirements(suite), "installed": installed,
                 "kernel": kernel.version, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **timings}
         (work / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         work.rename(entry)
-        for stale in cache_dir.iterdir():  # keep one image: each is ~1 GiB
-            if stale.is_dir() and stale != entry and not mounts_below(stale):
+        for stale in cache_dir.iterdir():  # one image per suite: each is ~1 GiB
+            if (stale.is_dir() and stale != entry and stale.name.startswith(suite.name + "-")
+                    and not mounts_below(stale)):
                 shutil.rmtree(stale)
         log(f"vm image: built {image} {timings}")
         return image

@@ -2,13 +2,13 @@
 """Runs inside the guest: one exporter sample, and what systemd and the kernel say right after.
 
     echo '{"url": ..., "units": [...], ...}' | systemd-run --pipe --wait --unit=smx-probe-N.service \
-        python3 /project/tests/vm/probe.py
+        /opt/systemd-memory-exporter/bin/python /project/tests/vm/probe.py
 
 One agent round trip instead of several, so the exporter's sample, the cgroup files and
 `systemctl show` are read within a fraction of a second of each other, in that order. Run as
 its own transient unit, so that the probe (and the systemctl it runs) is charged to none of
-the units it measures. Standard library plus prometheus_client (python3-prometheus-client in
-the guest). The request is JSON on stdin (or argv[1]) with the keys:
+the units it measures. Standard library plus prometheus_client (run by the exporter's venv
+python in the guest). The request is JSON on stdin (or argv[1]) with the keys:
 
   url      the exporter's /metrics (required)
   run      argv to run first (e.g. systemctl stop UNIT); "elapsed" is counted from its end
@@ -17,6 +17,7 @@ the guest). The request is JSON on stdin (or argv[1]) with the keys:
   units    unit names, or "all" for every unit in the scrape's systemd_unit_info
   props    systemctl show properties to read for those units (ControlGroup is always read)
   files    cgroup file names to read in each of those units' cgroup directories
+  root     where those directories are (default /sys/fs/cgroup; /sys/fs/cgroup/memory on v1)
 
 Prints JSON: {"scrape": text, "elapsed": s, "run": {...},
               "units": {name: {"show": {prop: value}, "files": {name: text or null}}}}.
@@ -99,7 +100,7 @@ def main():
     result["scrape"] = text
     files = {}
     for name, group in groups.items():
-        directory = CGROUP_ROOT + (group if group != "/" else "")
+        directory = request.get("root", CGROUP_ROOT) + (group if group != "/" else "")
         files[name] = {f: read(f"{directory}/{f}") if group else None for f in request.get("files", ())}
     props = [p for p in request.get("props", ()) if p != "ControlGroup"]
     shown = show(units, props) if props else {name: {} for name in units}

@@ -1,15 +1,16 @@
-"""The cgroup-v2 guest can show everything the exporter reports (issue 5).
+"""The guests can show everything the exporter reports (issues 5 and 11).
 
-These tests prove the guest, not the exporter: the cgroup v2 figures the
-metric contract relies on (usage, swap, OOM events, pressure) are produced
-here by real workloads and read back.
+These tests prove the guest, not the exporter: the cgroup figures the metric
+contract relies on (usage, swap, OOM events, pressure) are produced here by real
+workloads and read back. Tests marked layouts("unified") run on the v2 guests
+only; the others on every guest (tests/vm/conftest.py GUESTS).
 """
 import subprocess
 
 import pytest
 
-from .guest import wait_until
-from .image import AGENT, GUEST_PROJECT
+from .guest import VENV_PYTHON, wait_until
+from .image import AGENT, GUEST_PROJECT, VENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm]
 
@@ -39,11 +40,13 @@ def read_pressure(vm, path):
 
 def test_boots_debian_kernel_and_systemd(vm):
     assert vm.run(["uname", "-r"]).stdout.strip() == vm.kernel.version
-    assert vm.run(["systemctl", "--version"]).stdout.startswith("systemd 252 ")
+    assert vm.run(["systemctl", "--version"]).stdout.startswith(f"systemd {vm.suite.systemd} ")
+    assert vm.run(["python3", "--version"]).stdout.startswith(f"Python {vm.suite.python}.")
     failed = vm.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"])
     assert failed.stdout == ""
 
 
+@pytest.mark.layouts("unified")
 def test_unified_hierarchy_with_memory_controller(vm):
     assert vm.run(["stat", "-f", "-c", "%T", "/sys/fs/cgroup"]).stdout.strip() == "cgroup2fs"
     assert not vm.exists("/sys/fs/cgroup/unified")  # no hybrid mode
@@ -55,18 +58,41 @@ def test_unified_hierarchy_with_memory_controller(vm):
         assert vm.exists(f"/sys/fs/cgroup/system.slice/{name}"), name
 
 
+@pytest.mark.layouts("legacy")
+def test_legacy_hierarchy_with_swap_accounting(vm):
+    assert vm.run(["stat", "-f", "-c", "%T", "/sys/fs/cgroup"]).stdout.strip() == "tmpfs"
+    assert vm.run(["stat", "-f", "-c", "%T", "/sys/fs/cgroup/memory"]).stdout.strip() == "cgroupfs"
+    assert not vm.exists("/sys/fs/cgroup/unified")  # no cgroup2 anywhere: legacy, not hybrid
+    assert "cgroup2" not in vm.read_text("/proc/self/mounts")
+    own = vm.read_text("/proc/1/cgroup").splitlines()
+    assert "1:name=systemd:/init.scope" in own and not [line for line in own if line.startswith("0::")], own
+    for name in ("memory.usage_in_bytes", "memory.stat", "memory.oom_control", "memory.limit_in_bytes",
+                 "memory.memsw.usage_in_bytes"):  # memsw: swap accounting is on
+        assert vm.exists(f"/sys/fs/cgroup/memory/system.slice/{name}"), name
+    assert "total_swap" in read_keyed(vm, "/sys/fs/cgroup/memory/system.slice/memory.stat")
+
+
 def test_checkout_is_shared_read_only(vm):
     assert vm.read_text(f"{GUEST_PROJECT}/tests/vm/agent.py") == AGENT.read_text()
     assert vm.run(["touch", f"{GUEST_PROJECT}/write-test"]).returncode != 0
 
 
-def test_exporter_dependencies_import(vm):
-    script = ("import psutil, prometheus_client, pystemd.systemd1 as s; m = s.Manager(); "
-              "m.load(); print(len(m.Manager.ListUnits()))")
-    units = vm.run(["python3", "-c", script], check=True).stdout
+def test_exporter_installed_in_a_venv_of_the_guests_python(vm):
+    """pip put the exporter and its dependencies in VENV; pystemd was compiled there, against
+    the guest's own libsystemd, and lists units over the system bus."""
+    script = ("import sys, psutil, prometheus_client, pystemd, pystemd.dbuslib, pystemd.systemd1 as s; "
+              "m = s.Manager(); m.load(); print(len(m.Manager.ListUnits()), pystemd.dbuslib.__file__, sys.prefix)")
+    units, dbuslib, prefix = vm.run([VENV_PYTHON, "-c", script], check=True, cwd="/").stdout.split()
     assert int(units) > 50
+    assert prefix == VENV and dbuslib.startswith(VENV + "/lib/python")
+    linked = vm.run(["ldd", dbuslib], check=True).stdout
+    assert "libsystemd.so.0 => /lib/x86_64-linux-gnu/libsystemd.so.0" in linked or (
+        "libsystemd.so.0 => /usr/lib/x86_64-linux-gnu/libsystemd.so.0" in linked), linked
+    shown = vm.run([f"{VENV}/bin/pip", "show", "systemd-memory-exporter"], check=True).stdout
+    assert f"Location: {VENV}/lib/python{vm.suite.python}/site-packages" in shown
 
 
+@pytest.mark.layouts("unified")
 def test_memory_current_matches_cgroup(vm, unit):
     name = unit("smx-hold.service", ["python3", "-c", HOLD, "150"],
                 ["MemoryAccounting=yes"])
@@ -93,6 +119,7 @@ def swapped_unit(vm):
     vm.stop_unit(name)
 
 
+@pytest.mark.layouts("unified")
 def test_swap_is_real(vm, swapped_unit):
     assert vm.run(["swapon", "--show=NAME", "--noheadings"]).stdout.split() == ["/dev/vdb"]
     assert read_int(vm, f"{swapped_unit}/memory.current") <= 64 * MiB
@@ -100,6 +127,7 @@ def test_swap_is_real(vm, swapped_unit):
     assert int(used.stdout) * 1024 >= 80 * MiB
 
 
+@pytest.mark.layouts("unified")
 def test_memory_pressure_counts_stalls(vm, swapped_unit):
     pressure = read_pressure(vm, f"{swapped_unit}/memory.pressure")
     assert set(pressure) == {"some", "full"}
@@ -108,6 +136,7 @@ def test_memory_pressure_counts_stalls(vm, swapped_unit):
     assert pressure["some"]["total"] > 0  # reclaiming into swap stalled the unit
 
 
+@pytest.mark.layouts("unified")
 def test_oom_kill_is_counted(vm, unit):
     # The shell outlives its OOM-killed child, and OOMPolicy=continue keeps
     # the unit (and so its cgroup and memory.events) around to be read.

@@ -50,10 +50,43 @@ def test_parse_apt_sources():
         "http://mirror.example/debian", "http://a.example/debian"]
 
 
+def test_guest_requirements_follow_each_suites_python(tmp_path):
+    """pyproject.toml's markers, evaluated for the guest's python3: pystemd 0.15 needs 3.11."""
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["psutil>=5.9", '
+                         '"pystemd>=0.13,<0.15; python_version < \'3.11\'", '
+                         '"pystemd>=0.11,<1; python_version >= \'3.11\'"]\n')
+    pick = {name: image.guest_requirements(suite, pyproject) for name, suite in image.SUITES.items()}
+    assert pick["bullseye"] == ["psutil>=5.9", "pystemd<0.15,>=0.13"]
+    assert pick["bookworm"] == pick["trixie"] == ["psutil>=5.9", "pystemd<1,>=0.11"]
+    # and the real file gives every suite exactly one pystemd line
+    for suite in image.SUITES.values():
+        assert len([r for r in image.guest_requirements(suite) if r.startswith("pystemd")]) == 1
+
+
+def test_manylinux_platforms_stop_at_the_guests_glibc():
+    tags = image.manylinux_platforms((2, 31))
+    assert tags[0] == "manylinux_2_31_x86_64" and "manylinux_2_17_x86_64" in tags
+    assert "manylinux_2_34_x86_64" not in tags and "manylinux2014_x86_64" in tags
+
+
+def test_layouts_boot_with_their_kernel_arguments(tmp_path):
+    from .guest import LAYOUT_ARGS
+    argv = Guest(tmp_path / "img", image.Kernel("6.1", Path("vmlinuz"), Path("initrd"), Path("m")),
+                 tmp_path, layout="legacy").qemu_argv()
+    append = argv[argv.index("-append") + 1].split()
+    assert {"systemd.unified_cgroup_hierarchy=0", "systemd.legacy_systemd_cgroup_controller=1"} <= set(append)
+    assert LAYOUT_ARGS["hybrid"] == ["systemd.unified_cgroup_hierarchy=0"]
+    assert "trixie" in image.SUITES and image.SUITES["trixie"].layouts == ("unified",)
+    with pytest.raises(ValueError):
+        Guest(tmp_path / "img", None, tmp_path, layout="v3")
+
+
 @pytest.mark.e2e
 def test_cache_key_follows_inputs(kernel, monkeypatch):
     key = image.cache_key(kernel)
     assert image.cache_key(kernel) == key
+    assert len({image.cache_key(kernel, suite) for suite in image.SUITES.values()}) == 3
     monkeypatch.setattr(image, "PACKAGES", image.PACKAGES + ["curl"])
     assert image.cache_key(kernel) != key
 

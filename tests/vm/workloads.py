@@ -121,7 +121,12 @@ def oom_victim(vm, mib=100, memory_max="32M", unit=None, timeout=60, trigger=Non
     child waits for that file and this returns at once: see wait_for_oom_kill."""
     unit = unit or _name("oom")
     wait = f"while [ ! -e {shlex.quote(trigger)} ]; do sleep 0.2; done; " if trigger else ""
-    script = f"{wait}python3 -c {shlex.quote(HOLD)} {mib}; exec sleep 3600"
+    # v1 has no MemorySwapMax: the victim caps memory+swap itself (memory.memsw.limit_in_bytes,
+    # there with swap accounting), or it would swap instead of being killed.
+    nosw = ("cg=$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup); "
+            f"echo {memory_max} > /sys/fs/cgroup/memory$cg/memory.memsw.limit_in_bytes; "
+            if vm.layout != "unified" else "")
+    script = f"{nosw}{wait}python3 -c {shlex.quote(HOLD)} {mib}; exec sleep 3600"
     start_unit(vm, unit, ["sh", "-c", script],
                properties=[f"MemoryMax={memory_max}", "MemorySwapMax=0", "OOMPolicy=continue"])
     if not trigger:
@@ -130,7 +135,8 @@ def oom_victim(vm, mib=100, memory_max="32M", unit=None, timeout=60, trigger=Non
 
 
 def wait_for_oom_kill(vm, unit, timeout=60):
-    events = f"{vm.cgroup_dir(unit)}/memory.events"
+    # v1 counts the kill in memory.oom_control (oom_kill, kernel 4.13+).
+    events = vm.memory_dir(unit) + ("/memory.events" if vm.layout == "unified" else "/memory.oom_control")
 
     def killed():
         return dict(line.split() for line in vm.read_text(events).splitlines())["oom_kill"] != "0"
