@@ -38,7 +38,7 @@ def alert_ids() -> list[str]:
 # --- promtool ------------------------------------------------------------------------------------
 def test_rule_files_exist():
     names = [path.name for path in queries.rule_files()]
-    assert names == ["alerting-rules.yml", "recording-rules.yml"]
+    assert names == ["alerting-rules.yml", "fleet-rules.yml", "recording-rules.yml"]
 
 
 def test_promtool_check_rules(need_promtool):
