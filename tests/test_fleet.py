@@ -1,0 +1,346 @@
+"""The exporter as a fleet: 52 exporter instances, one real Prometheus scraping them all with the
+shipped rules, a second federating the fleet aggregates from it, a third receiving them by
+remote write (Debian 12's prometheus 2.42, --web.enable-remote-write-receiver).
+
+The hosts are the two captured fixture trees (tests/fixtures/hybrid: cgroup v1 hybrid;
+tests/fixtures/v2: unified), copied once per instance and made different from each other: every
+byte figure of the memory files and of /proc/PID/status scaled by a per-instance factor, one
+service left out per instance, and OOM kills added to a few hosts while Prometheus watches. Units
+come from each tree's units.json through tests/fleet_exporter.py (why not a real systemd: see
+there). Two clusters (a target label) make sure aggregates keep the labels they should.
+
+Checked: every query of the fleet dashboard returns data in the first Prometheus; the fleet host
+totals equal sums made here from the trees' own files; the federated and the remote-written
+series equal the originals, sample for sample, with their labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.rules import queries
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+JOB = "systemd-memory-exporter"
+INSTANCES = 52
+INTERVAL = 5  # seconds: --sample.interval, scrape, evaluation, federation
+FLEET_DASHBOARD = "systemd-memory-fleet"
+# What the second and third Prometheus take: every per-host, per-unit-name and per-job aggregate
+# (README, "Running it on a fleet").
+FLEET_SERIES = r"(instance|job_unit|job):systemd_.+"
+# Units whose OOM kills the test adds (a non-slice unit in each capture).
+OOM_UNIT = {"hybrid": "hog.service", "v2": "smx-oom-8.service"}
+
+# Byte figures: cgroup memory files, and the sizes in /proc/PID/status. Values of 2**60 and more
+# are v1's "unlimited" and stay as they are.
+_SCALED_CGROUP_FILES = re.compile(
+    r"memory\.(current|usage_in_bytes|stat|peak|max_usage_in_bytes|swap\.current|kmem\.usage_in_bytes|max|high|limit_in_bytes)"
+)
+_STATUS_SIZE = re.compile(r"^((?:Rss\w+|VmRSS|VmSwap):\s+)(\d+)", re.M)
+
+
+def _scale_integers(text: str, factor: float) -> str:
+    return re.sub(r"\b\d+\b", lambda m: m.group() if int(m.group()) >= 1 << 60 else str(int(int(m.group()) * factor)), text)
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Atomically, as the exporter may be reading it."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def make_host(index: int, workdir: Path) -> tuple[Path, str]:
+    """A copy of one capture, different from every other instance's. Returns (tree, capture name)."""
+    capture = ("hybrid", "v2")[index % 2]
+    tree = workdir / f"host{index:02d}"
+    shutil.copytree(FIXTURES / capture, tree, symlinks=True)
+    factor = 0.5 + index * 0.03125
+    for path in (tree / "sys/fs/cgroup").rglob("memory.*"):
+        if path.is_file() and _SCALED_CGROUP_FILES.fullmatch(path.name):
+            path.write_text(_scale_integers(path.read_text(), factor))
+    for path in (tree / "proc").glob("[0-9]*/status"):
+        path.write_text(_STATUS_SIZE.sub(lambda m: m.group(1) + str(int(int(m.group(2)) * factor)), path.read_text()))
+    units = json.loads((tree / "units.json").read_text())
+    services = [u["name"] for u in units if u["type"] == "service" and u["name"] != OOM_UNIT[capture]]
+    left_out = services[index % len(services)]
+    (tree / "units.json").write_text(json.dumps([u for u in units if u["name"] != left_out], indent=1))
+    return tree, capture
+
+
+def memory_dir(tree: Path, capture: str, control_group: str) -> Path:
+    return tree / "sys/fs/cgroup" / ("memory" if capture == "hybrid" else "") / control_group.lstrip("/")
+
+
+def add_oom_kills(tree: Path, capture: str, kills: int) -> None:
+    unit = next(u for u in json.loads((tree / "units.json").read_text()) if u["name"] == OOM_UNIT[capture])
+    path = memory_dir(tree, capture, unit["control_group"]) / ("memory.oom_control" if capture == "hybrid" else "memory.events")
+    text = path.read_text()
+    assert re.search(r"^oom_kill \d+$", text, re.M), f"{path} has no oom_kill line"
+    _rewrite(path, re.sub(r"^oom_kill (\d+)$", lambda m: f"oom_kill {int(m.group(1)) + kills}", text, flags=re.M))
+
+
+def top_level_usage(tree: Path, capture: str) -> int:
+    """What instance:systemd_unit_memory_cgroup_usage_bytes:sum must be, from the files."""
+    total = 0
+    for unit in json.loads((tree / "units.json").read_text()):
+        if re.fullmatch(r"/[^/]+", unit["control_group"]):
+            usage = memory_dir(tree, capture, unit["control_group"]) / ("memory.usage_in_bytes" if capture == "hybrid" else "memory.current")
+            if usage.exists():
+                total += int(usage.read_text())
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1)) / 1024
+
+
+class Prom:
+    def __init__(self, name: str, port: int, workdir: Path, config: dict, flags: tuple[str, ...] = ()):
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        directory = workdir / name
+        directory.mkdir()
+        (directory / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+        self.log = directory / "prometheus.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                ["prometheus", f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", *flags],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
+
+    def api(self, path: str, **params) -> dict:
+        data = urllib.parse.urlencode(params).encode()
+        with urllib.request.urlopen(self.url + path, data=data if params else None, timeout=30) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        return self.api("/api/v1/query", query=expr, **({"time": f"{at:.3f}"} if at else {}))["result"]
+
+    def wait(self, what: str, condition, timeout: float):
+        """Polls condition() until it returns something truthy; fails with `what` and the log."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                last = condition()
+                if last:
+                    return last
+            except OSError as e:  # not listening yet
+                last = e
+            time.sleep(1)
+        raise AssertionError(f"{self.name}: {what} within {timeout:.0f}s (last: {last!r})\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def raw_samples(prom: Prom, at: float, drop: tuple[str, ...] = ()) -> dict:
+    """Every fleet series' raw samples in the 30 s before `at`: {labels: ((t, v), ...)}."""
+    found = {}
+    for series in prom.query(f'{{__name__=~"{FLEET_SERIES}"}}[30s]', at):
+        labels = tuple(sorted((k, v) for k, v in series["metric"].items() if k not in drop))
+        found[labels] = tuple((round(float(t), 3), v) for t, v in series["values"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    if shutil.which("prometheus") is None:
+        pytest.fail("prometheus is not installed (tests/prerequisites.sh installs it)")
+    workdir = tmp_path_factory.mktemp("fleet")
+    started = time.monotonic()
+    hosts, exporters, targets = [], [], []
+    with contextlib.ExitStack() as stack:
+        for index in range(INSTANCES):
+            tree, capture = make_host(index, workdir)
+            port = free_port()
+            log = stack.enter_context(open(workdir / f"exporter{index:02d}.log", "w"))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.fleet_exporter", str(tree), f"--web.listen-address=127.0.0.1:{port}",
+                 f"--sample.interval={INTERVAL}"],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+            )
+            stack.callback(_end, proc)
+            hosts.append((tree, capture))
+            exporters.append(proc)
+            targets.append(f"127.0.0.1:{port}")
+        ports = [free_port() for _ in range(3)]
+        receiver = Prom("p3-remote-write", ports[2], workdir, {"global": {"scrape_interval": f"{INTERVAL}s"}},
+                        ("--web.enable-remote-write-receiver",))
+        stack.callback(receiver.stop)
+        federating = Prom("p2-federating", ports[1], workdir, {
+            "global": {"scrape_interval": f"{INTERVAL}s", "evaluation_interval": f"{INTERVAL}s"},
+            "scrape_configs": [federation_job(f"127.0.0.1:{ports[0]}")],
+        })
+        stack.callback(federating.stop)
+        half = INSTANCES // 2
+        first = Prom("p1-fleet", ports[0], workdir, {
+            "global": {"scrape_interval": f"{INTERVAL}s", "evaluation_interval": f"{INTERVAL}s",
+                       "external_labels": {"prometheus": "p1"}},
+            "rule_files": [str(path) for path in queries.rule_files()],
+            "scrape_configs": [{"job_name": JOB, "static_configs": [
+                {"targets": targets[:half], "labels": {"cluster": "c1"}},
+                {"targets": targets[half:], "labels": {"cluster": "c2"}},
+            ]}],
+            "remote_write": [remote_write(f"http://127.0.0.1:{ports[2]}/api/v1/write")],
+        })
+        stack.callback(first.stop)
+        first.wait(f"all {INSTANCES} exporters up",
+                   lambda: first.query(f'count(up{{job="{JOB}"}} == 1) == {INSTANCES}'), 90)
+        yield {"first": first, "federating": federating, "receiver": receiver, "hosts": hosts, "targets": targets,
+               "exporters": exporters, "started": started, "workdir": workdir}
+
+
+def federation_job(source: str) -> dict:
+    """As README "Running it on a fleet" gives it."""
+    return {
+        "job_name": "federate",
+        "honor_labels": True,
+        "metrics_path": "/federate",
+        "params": {"match[]": [f'{{__name__=~"{FLEET_SERIES}"}}']},
+        "static_configs": [{"targets": [source]}],
+        # Per-job and per-unit-name aggregates have no instance: without this, honor_labels
+        # would give them the federated Prometheus' address as one.
+        "metric_relabel_configs": [{"source_labels": ["__name__"], "regex": "(job|job_unit):.+",
+                                    "target_label": "instance", "replacement": ""}],
+    }
+
+
+def remote_write(url: str) -> dict:
+    return {
+        "url": url,
+        "write_relabel_configs": [{"source_labels": ["__name__"], "regex": FLEET_SERIES, "action": "keep"}],
+        "queue_config": {"batch_send_deadline": "1s"},
+    }
+
+
+def _end(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_fleet_dashboard_queries_return_data(fleet):
+    first = fleet["first"]
+    found = [q for q in queries.dashboard_queries({"job": JOB, "cluster": ".*"}) if q.uid == FLEET_DASHBOARD]
+    assert len(found) >= 5, f"the fleet dashboard ({FLEET_DASHBOARD}) has {len(found)} queries"
+    # Rules over [1h] windows and the per-host tables need a few evaluations first.
+    first.wait("fleet aggregates recorded",
+               lambda: first.query(f"count(instance:systemd_unit_memory_gap_bytes:max) == {INSTANCES}"), 60)
+    empty = {}
+    for q in found:
+        try:
+            first.wait("", lambda: first.query(q.expr), 30)
+        except AssertionError:
+            empty[f"{q.panel} ({q.ref_id})"] = q.expr
+    assert not empty, f"fleet dashboard queries without data: {json.dumps(empty, indent=1)}"
+
+
+def test_host_totals_equal_the_trees_files(fleet):
+    first = fleet["first"]
+    expected = {target: top_level_usage(tree, capture) for target, (tree, capture) in zip(fleet["targets"], fleet["hosts"])}
+    assert len(set(expected.values())) == INSTANCES, "the hosts should differ"
+
+    def every_host():
+        got = {s["metric"]["instance"]: float(s["value"][1]) for s in first.query("instance:systemd_unit_memory_cgroup_usage_bytes:sum")}
+        return got if len(got) == INSTANCES else None
+
+    got = first.wait("a host total per instance", every_host, 60)
+    assert got == {target: float(value) for target, value in expected.items()}
+    clusters = {s["metric"]["cluster"]: float(s["value"][1]) for s in first.query("job:systemd_unit_memory_cgroup_usage_bytes:sum")}
+    half = INSTANCES // 2
+    assert clusters == {"c1": float(sum(list(expected.values())[:half])), "c2": float(sum(list(expected.values())[half:]))}
+
+
+def test_oom_kills_reach_the_fleet_aggregates(fleet):
+    first = fleet["first"]
+    kills = {0: 1, 1: 2, 30: 3}  # instance index -> kills added; 0 and 1 in cluster c1, 30 in c2
+    first.wait("oom_kill 0 seen by a first scrape", lambda: first.query(
+        f'count(systemd_unit_memory_events_total{{event="oom_kill", unit=~"{"|".join(OOM_UNIT.values())}"}}) == {INSTANCES}'), 30)
+    for index, count in kills.items():
+        add_oom_kills(*fleet["hosts"][index], count)
+    expected = {fleet["targets"][index]: count for index, count in kills.items()}
+
+    # increase() extrapolates to the end of its window by up to one scrape interval: with a
+    # minute of data that is up to +10 %; with the hour the rule is made for, under 0.2 %.
+    def close(got: dict, want: dict) -> bool:
+        return got.keys() == want.keys() and all(want[k] <= got[k] <= want[k] * 1.25 for k in want)
+
+    def counted():
+        got = {s["metric"]["instance"]: float(s["value"][1]) for s in first.query("instance:systemd_unit_memory_oom_kills:increase1h > 0")}
+        return got if close(got, expected) else None
+
+    first.wait("OOM kills counted per host", counted, 60)
+    per_cluster = {s["metric"]["cluster"]: float(s["value"][1]) for s in first.query("job:systemd_unit_memory_oom_kills:increase1h")}
+    assert close(per_cluster, {"c1": 3, "c2": 3}), per_cluster
+    healthy = first.query(f'instance:systemd_unit_memory_oom_kills:increase1h{{instance="{fleet["targets"][2]}"}}')
+    assert [float(s["value"][1]) for s in healthy] == [0.0], "a host without kills reports 0"
+
+
+@pytest.mark.parametrize("downstream", ["federating", "receiver"])
+def test_downstream_series_equal_the_originals(fleet, downstream):
+    first, other = fleet["first"], fleet[downstream]
+    at = time.time() - 3 * INTERVAL
+    original = raw_samples(first, at)
+    assert len({dict(k)["__name__"] for k in original}) >= 15, sorted({dict(k)["__name__"] for k in original})
+    assert sum(1 for k in original if dict(k)["__name__"].startswith("job_unit:")) > 20
+
+    def copied():
+        got = raw_samples(other, at, drop=("prometheus",))
+        return got if got == original else None
+
+    other.wait(f"the same fleet series as {first.name}", copied, 60)
+    # P1's external label marks every copy, so replicas' aggregates never collide downstream.
+    labels = other.query(f'count by (prometheus) ({{__name__=~"{FLEET_SERIES}"}})')
+    assert [s["metric"] for s in labels] == [{"prometheus": "p1"}]
+
+
+def test_figures(fleet):
+    """Not an assertion of speed: the figures the README and the report quote, printed."""
+    first = fleet["first"]
+    series = [float(s["value"][1]) for s in first.query("instance:systemd_memory_exporter_series:scraped")]
+    figures = {
+        "instances": INSTANCES,
+        "exporter RSS MiB (sum)": round(sum(rss_mib(p.pid) for p in fleet["exporters"]), 1),
+        "exporter RSS MiB (max)": round(max(rss_mib(p.pid) for p in fleet["exporters"]), 1),
+        "series per host (min/max)": (min(series), max(series)),
+        "head series p1/p2/p3": tuple(fleet[name].api("/api/v1/status/tsdb")["headStats"]["numSeries"]
+                                      for name in ("first", "federating", "receiver")),
+        "prometheus RSS MiB p1/p2/p3": tuple(round(rss_mib(fleet[name].proc.pid), 1) for name in ("first", "federating", "receiver")),
+        "seconds since start": round(time.monotonic() - fleet["started"], 1),
+    }
+    print("\nfleet figures:", json.dumps(figures))
+    assert len(series) == INSTANCES
