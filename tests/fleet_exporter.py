@@ -44,10 +44,7 @@ def main(argv: list[str]) -> int:
     tree = Path(argv[0])
     serve_parser, _ = cli.build_parsers()
     flags = [f"--path.procfs={tree / 'proc'}", f"--path.cgroupfs={tree / 'sys/fs/cgroup'}", *argv[1:]]
-    discovery = FixtureDiscovery(load_units(tree))
-    import exporter.discovery_process  # TEMPORARY until cli.run_server takes discovery=
-    exporter.discovery_process.DiscoveryProcess = lambda *args, **kwargs: discovery
-    return cli.run_server(serve_parser.parse_args(flags), serve_parser)
+    return cli.run_server(serve_parser.parse_args(flags), serve_parser, discovery=FixtureDiscovery(load_units(tree)))
 
 
 if __name__ == "__main__":

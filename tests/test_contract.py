@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.render import render
+from exporter.render import EVERY_SERIES, render
 from tests.test_sampler import FIXTURES, sample_tree
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -31,7 +31,7 @@ def rendered() -> dict[str, set[str]]:
         snapshot = sample_tree(FIXTURES / tree)
         # As --collector.pss renders it: its own health families appear only then.
         with_pss = dataclasses.replace(snapshot, pss_skipped={"max_rss": 1}, pss_deferred_units=0)
-        for family in text_string_to_metric_families(render(with_pss).decode()):
+        for family in text_string_to_metric_families(render(with_pss, EVERY_SERIES).decode()):
             name = family.name + ("_total" if family.type == "counter" else "")
             labels = families.setdefault(name, set())
             for sample in family.samples:
