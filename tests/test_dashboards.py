@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -150,7 +151,10 @@ def test_units_set(path):
     for p in query_panels(DASHBOARDS[path]):
         unit = p["fieldConfig"]["defaults"].get("unit")
         assert unit, f"{p['title']}: no unit"
-        exprs = [t["expr"] for t in p["targets"]]
+        if p["fieldConfig"]["defaults"].get("mappings"):
+            assert unit == "none", f"{p['title']}: a number mapped to text has no unit"
+            continue
+        exprs = [queries.substitute(t["expr"]) for t in p["targets"]]
         if all(_metrics(e) and all(m.endswith("_bytes") for m in _metrics(e)) for e in exprs):
             divides = any(re.search(r"\n\s*/ |\) / |\n/ ", e) for e in exprs)
             if p["type"] == "table":
@@ -177,20 +181,30 @@ def test_links_point_at_the_unit_dashboard():
 
 
 # --- variables -----------------------------------------------------------------------------------
+UNIT_DASHBOARD = GRAFANA / "dashboards" / "systemd-memory-unit.json"
+
+
 @params()
 def test_template_variables(path):
     d = DASHBOARDS[path]
     v = variables(d)
-    assert list(v)[:4] == ["datasource", "job", "instance", "unit"]
+    assert list(v) == ["datasource", "job", "instance", "uid", "unit"]
     assert v["datasource"]["type"] == "datasource" and v["datasource"]["query"] == "prometheus"
-    for name in ("job", "instance", "unit"):
+    for name in ("job", "instance", "uid", "unit"):
         assert v[name]["type"] == "query" and v[name]["datasource"] == DS_REF
-    assert v["unit"]["multi"] is True and v["unit"]["includeAll"] is True
-    assert v["unit"]["allValue"] == ".+"
-    # job and instance are single-valued and matched exactly; unit is a regex match.
+    # uid (issue 12): All matches the system's units too, which have no uid label.
+    assert v["uid"]["multi"] is True and v["uid"]["includeAll"] is True and v["uid"]["allValue"] == ".*"
     flat = json.dumps(d)
-    assert 'unit=~\\"$unit\\"' in flat and 'instance=\\"$instance\\"' in flat
+    assert 'instance=\\"$instance\\"' in flat and 'uid=~\\"$uid\\"' in flat
     assert 'unit=\\"$unit\\"' not in flat
+    if path == UNIT_DASHBOARD:
+        # One unit: no All, no repeated rows. Grafana does not regex-escape a single-value variable,
+        # so the queries escape it (${unit:regex}) in a raw string that keeps systemd's backslashes.
+        assert v["unit"]["multi"] is False and v["unit"]["includeAll"] is False
+        assert "unit=~`${unit:regex}`" in flat and 'unit=~\\"$unit\\"' not in flat
+    else:
+        assert v["unit"]["multi"] is True and v["unit"]["includeAll"] is True and v["unit"]["allValue"] == ".+"
+        assert 'unit=~\\"$unit\\"' in flat
 
 
 @params()
@@ -204,10 +218,75 @@ def test_variable_queries_list_a_label_of_their_metric(path, contract):
         assert label in contract.labels_of(metric), f"{variable['name']}: {metric} has no label {label}"
 
 
-def test_unit_dashboard_repeats_a_row_per_unit():
-    d = DASHBOARDS[GRAFANA / "dashboards" / "systemd-memory-unit.json"]
-    rows = [p for p in d["panels"] if p["type"] == "row"]
-    assert len(rows) == 1 and rows[0]["repeat"] == "unit" and rows[0]["gridPos"]["y"] == 0
+def test_unit_dashboard_is_one_unit_with_a_verdict_and_pss():
+    d = DASHBOARDS[UNIT_DASHBOARD]
+    assert not [p for p in panels(d) if p["type"] == "row" or p.get("repeat")]
+    verdict = next(p for p in panels(d) if p["title"] == "Verdict")
+    assert verdict["gridPos"]["y"] == 0 and verdict["gridPos"]["x"] == 0
+    texts = {o["text"] for m in verdict["fieldConfig"]["defaults"]["mappings"] for o in (
+        m["options"].values() if m["type"] == "value" else [m["options"]["result"]])}
+    assert len(texts) == 6 and "No cgroup figure to compare" in texts
+    lines = next(p for p in panels(d) if p["title"] == "systemctl vs top")
+    assert any('type="pss"' in t["expr"] for t in lines["targets"])
+    # memory.peak includes page cache: it belongs beside usage, not beside the unreclaimable figure.
+    assert any("peak" in t["expr"] for t in lines["targets"])
+    limits = next(p for p in panels(d) if "MemoryMax" in p["title"])
+    assert not any("peak" in t["expr"] for t in limits["targets"])
+
+
+def test_oom_kills_are_counted_exactly_on_their_own_axis():
+    """No overlapping increase() windows (they counted one kill 2-4 times) and no max events beside them."""
+    d = DASHBOARDS[UNIT_DASHBOARD]
+    oom = next(p for p in panels(d) if p["title"] == "OOM kills")
+    (target,) = oom["targets"]
+    assert "offset $__interval" in target["expr"] and "increase" not in target["expr"]
+    assert 'event=~"oom_kill"' in target["expr"]
+
+
+def test_overview_first_screen_answers_which_unit_and_is_it_a_problem():
+    """The first screen (top 15 rows): ranking by size and by gap, and the units in trouble."""
+    d = DASHBOARDS[GRAFANA / "dashboards" / "systemd-memory-overview.json"]
+    first = {p["title"] for p in panels(d) if p["gridPos"]["y"] + p["gridPos"]["h"] <= 15}
+    assert {"Biggest units: systemctl's number", "Biggest gaps: systemctl − top", "Units in trouble"} <= first
+    trouble = next(p for p in panels(d) if p["title"] == "Units in trouble")
+    exprs = " ".join(t["expr"] for t in trouble["targets"])
+    assert 'event="oom_kill"' in exprs and 'kind="full"' in exprs and 'limit=~"max"' in exprs
+    # One ranking by systemctl's number, not a bar gauge and a time series of the same thing.
+    assert "Top 10 units by systemctl's number" not in {p["title"] for p in panels(d)}
+
+
+def test_why_view_leads_with_its_table_and_lists_only_units_with_memory():
+    d = DASHBOARDS[GRAFANA / "dashboards" / "systemd-memory-why.json"]
+    first = min(panels(d), key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    assert first["type"] == "table" and first["gridPos"]["y"] == 0
+    assert all("> 0)" in t["expr"] for t in first["targets"])
+    parts = next(p for p in panels(d) if p["title"].startswith("The gap over time"))
+    stacked_negative = [o for o in parts["fieldConfig"]["overrides"] if o["matcher"]["options"] == "D"]
+    assert stacked_negative and {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}} in stacked_negative[0]["properties"]
+
+
+def test_no_stale_references():
+    text = (GRAFANA / "build_dashboards.py").read_text() + "".join(
+        p.read_text() for p in (GRAFANA / "builder").glob("*.py")) + json.dumps(list(DASHBOARDS.values()))
+    text += "".join(p.read_text() for p in queries.rule_files())
+    for stale in ("NOTES.md", "METRICS_DRAFT.md"):
+        assert stale not in text
+
+
+def test_builder_parameters_job_selector_and_cluster(tmp_path):
+    """Mixin-style selectors: a fixed job drops the Job variable; a cluster label adds one and filters every query."""
+    result = subprocess.run([sys.executable, str(GRAFANA / "build_dashboards.py"), "--job-selector", 'job="sme"',
+                             "--cluster-label", "k8s_cluster", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    built = queries.load_dashboards(tmp_path)
+    assert len(built) == len(DASHBOARDS)
+    for d in built.values():
+        assert list(variables(d))[:3] == ["datasource", "cluster", "instance"]
+        for p in query_panels(d):
+            for t in p["targets"]:
+                for selector in re.findall(r"\b(?:systemd_unit_[a-z_]+)\{([^}]*)\}", t["expr"]):
+                    assert 'k8s_cluster="$cluster"' in selector and 'job="sme"' in selector, (p["title"], selector)
+        assert "$job" not in json.dumps(d)
 
 
 # --- queries -------------------------------------------------------------------------------------
@@ -237,52 +316,65 @@ def test_dashboard_queries_use_only_contract_names(contract):
 
 
 # A small host as the exporter would describe it (cgroup v2: the root slice has memory.stat but no
-# usage). Every dashboard query must return something for it.
-HOST_UNITS = {
-    "-.slice": ("slice", "/"),
-    "system.slice": ("slice", "/system.slice"),
-    "user.slice": ("slice", "/user.slice"),
-    "init.scope": ("scope", "/init.scope"),
-    "systemd-journald.service": ("service", "/system.slice/systemd-journald.service"),
-    "foo\\x2dbar.service": ("service", "/system.slice/foo\\x2dbar.service"),
-    "user-1000.slice": ("slice", "/user.slice/user-1000.slice"),
-    "session-1.scope": ("scope", "/user.slice/user-1000.slice/session-1.scope"),
+# usage), with a VM's and a container's scope in machine.slice and a user's own units (uid label,
+# issue 12) inside user@1000.service, one of them named like a system unit. Every dashboard query
+# must return something for it.
+HOST_UNITS = {  # (unit, uid): (unit_type, control_group)
+    ("-.slice", None): ("slice", "/"),
+    ("system.slice", None): ("slice", "/system.slice"),
+    ("user.slice", None): ("slice", "/user.slice"),
+    ("machine.slice", None): ("slice", "/machine.slice"),
+    ("init.scope", None): ("scope", "/init.scope"),
+    ("systemd-journald.service", None): ("service", "/system.slice/systemd-journald.service"),
+    ("foo\\x2dbar.service", None): ("service", "/system.slice/foo\\x2dbar.service"),
+    ("dbus.service", None): ("service", "/system.slice/dbus.service"),
+    ("machine-qemu\\x2d1\\x2dvm1.scope", None): ("scope", "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope"),
+    ("libpod-0123abcd.scope", None): ("scope", "/machine.slice/libpod-0123abcd.scope"),
+    ("user-1000.slice", None): ("slice", "/user.slice/user-1000.slice"),
+    ("session-1.scope", None): ("scope", "/user.slice/user-1000.slice/session-1.scope"),
+    ("user@1000.service", None): ("service", "/user.slice/user-1000.slice/user@1000.service"),
+    ("app.slice", "1000"): ("slice", "/user.slice/user-1000.slice/user@1000.service/app.slice"),
+    ("dbus.service", "1000"): ("service", "/user.slice/user-1000.slice/user@1000.service/app.slice/dbus.service"),
 }
 STAT_ITEMS = sorted(metric_contract.load_contract().values_of("systemd_unit_memory_stat_bytes", "item"))
 
 
+def _series(instance: str, job: str, name: str, values: str, **labels) -> dict:
+    pairs = {"instance": instance, "job": job, **{k: v for k, v in labels.items() if v is not None}}
+    text = ", ".join(f'{k}="{v.replace(chr(92), chr(92) * 2)}"' for k, v in pairs.items())
+    return {"series": f"{name}{{{text}}}", "values": values}
+
+
 def synthetic_series(instance: str, job: str) -> list[dict]:
     def series(name: str, values: str, **labels) -> dict:
-        pairs = {"instance": instance, "job": job, **labels}
-        text = ", ".join(f'{k}="{v.replace(chr(92), chr(92) * 2)}"' for k, v in pairs.items())
-        return {"series": f"{name}{{{text}}}", "values": values}
+        return _series(instance, job, name, values, **labels)
 
     out = [
         series("up", "1x80"),
         series("systemd_memory_exporter_build_info", "1x80", version="0.1.0", python_version="3.11.7"),
         series("systemd_memory_exporter_sample_interval_seconds", "15x80"),
     ]
-    for number, (unit, (kind, cgroup)) in enumerate(HOST_UNITS.items(), start=1):
+    for number, ((unit, uid), (kind, cgroup)) in enumerate(HOST_UNITS.items(), start=1):
         mib = 1048576 * number
-        out.append(series("systemd_unit_info", "1x80", unit=unit, unit_type=kind, active_state="active",
+        out.append(series("systemd_unit_info", "1x80", unit=unit, uid=uid, unit_type=kind, active_state="active",
                           sub_state="running", control_group=cgroup))
-        out += [series("systemd_unit_memory_stat_bytes", f"{mib * (i + 1)}x80", unit=unit, item=item)
+        out += [series("systemd_unit_memory_stat_bytes", f"{mib * (i + 1)}x80", unit=unit, uid=uid, item=item)
                 for i, item in enumerate(STAT_ITEMS)]
         if unit == "-.slice":
             continue
-        for i, kind_ in enumerate(("cgroup_usage", "page_cache", "swap", "rss_anon", "rss_file", "rss_shmem")):
-            out.append(series("systemd_unit_memory_bytes", f"{mib * (40 - i)}+{mib}x80", unit=unit, type=kind_))
+        for i, kind_ in enumerate(("cgroup_usage", "page_cache", "swap", "rss_anon", "rss_file", "rss_shmem", "pss")):
+            out.append(series("systemd_unit_memory_bytes", f"{mib * (40 - i)}+{mib}x80", unit=unit, uid=uid, type=kind_))
         out += [
-            series("systemd_unit_memory_working_set_bytes", f"{mib * 30}x80", unit=unit),
-            series("systemd_unit_memory_limit_bytes", f"{mib * 32}x80", unit=unit, limit="max"),
-            series("systemd_unit_memory_limit_bytes", f"{mib * 31}x80", unit=unit, limit="high"),
-            series("systemd_unit_memory_peak_bytes", f"{mib * 45}x80", unit=unit),
-            series("systemd_unit_processes", "3x80", unit=unit),
-            series("systemd_unit_memory_pressure_seconds_total", "0+0.1x80", unit=unit, kind="some"),
-            series("systemd_unit_memory_pressure_seconds_total", "0+0.05x80", unit=unit, kind="full"),
+            series("systemd_unit_memory_working_set_bytes", f"{mib * 30}x80", unit=unit, uid=uid),
+            series("systemd_unit_memory_limit_bytes", f"{mib * 32}x80", unit=unit, uid=uid, limit="max"),
+            series("systemd_unit_memory_limit_bytes", f"{mib * 31}x80", unit=unit, uid=uid, limit="high"),
+            series("systemd_unit_memory_peak_bytes", f"{mib * 45}x80", unit=unit, uid=uid),
+            series("systemd_unit_processes", "3x80", unit=unit, uid=uid),
+            series("systemd_unit_memory_pressure_seconds_total", "0+1x80", unit=unit, uid=uid, kind="some"),
+            series("systemd_unit_memory_pressure_seconds_total", "0+0.5x80", unit=unit, uid=uid, kind="full"),
         ]
-        out += [series("systemd_unit_memory_events_total", "0+1x80", unit=unit, event=event)
-                for event in ("max", "high", "oom", "oom_kill")]
+        out += [series("systemd_unit_memory_events_total", "0+1x80", unit=unit, uid=uid, event=event)
+                for event in ("low", "max", "high", "oom", "oom_kill")]
     return out
 
 
@@ -296,7 +388,9 @@ def test_every_dashboard_query_returns_data_on_a_synthetic_host(need_promtool, t
     regex characters escaped (systemd's own backslash escapes included). With one service selected,
     the panels about slices are rightly empty.
     """
-    values = {"instance": "h1:10073", "job": "systemd-memory-exporter", "unit": unit_value, "__rate_interval": "1m"}
+    values = {"instance": "h1:10073", "job": "systemd-memory-exporter", "unit": unit_value, "__rate_interval": "1m",
+              "__range": "10m",  # the series span 20 minutes
+              "unit_name": "foo\\x2dbar.service" if unit_value != ".+" else "machine-qemu\\x2d1\\x2dvm1.scope"}
     selected = queries.dashboard_queries(values)
     rules = {"groups": [{"name": "dashboard-queries", "rules": [
         {"alert": f"Q{i}", "expr": f"count(\n{q.expr}\n)"} for i, q in enumerate(selected)
@@ -389,3 +483,83 @@ def test_provisioning_examples():
     datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert datasources["apiVersion"] == 1
     assert [d["type"] for d in datasources["datasources"]] == ["prometheus"]
+
+
+# --- host totals: values pinned on v1- and v2-shaped hosts (promtool) ------------------------------
+# Per cgroup, in MiB: usage, rss_anon, rss_file, rss_shmem, swap; memory.stat anon, file, file_mapped,
+# shmem, file_dirty, file_writeback, kernel. a.service holds all of system.slice; user@1000.service
+# all of user.slice; the user's own units (uid) are inside it, one named like the top-level
+# init.scope. -.slice's figures (999) must not be used on v2, where the root has no usage.
+FIGURES = ("cgroup_usage", "rss_anon", "rss_file", "rss_shmem", "swap",
+           "anon", "file", "file_mapped", "shmem", "file_dirty", "file_writeback", "kernel")
+SYSTEM = (100, 30, 8, 2, 4, 40, 50, 10, 5, 2, 1, 10)
+USERS = (60, 20, 5, 1, 1, 30, 20, 5, 2, 0, 0, 10)
+HOST_TOTAL_CGROUPS = {  # (unit, uid): (unit_type, control_group, figures)
+    ("system.slice", None): ("slice", "/system.slice", SYSTEM),
+    ("a.service", None): ("service", "/system.slice/a.service", SYSTEM),
+    ("user.slice", None): ("slice", "/user.slice", USERS),
+    ("user@1000.service", None): ("service", "/user.slice/user-1000.slice/user@1000.service", USERS),
+    ("init.scope", "1000"): ("scope", "/user.slice/user-1000.slice/user@1000.service/init.scope", (7,) * 12),
+    ("dbus.service", "1000"): ("service", "/user.slice/user-1000.slice/user@1000.service/app.slice/dbus.service", (9,) * 12),
+    ("init.scope", None): ("scope", "/init.scope", (4, 2, 1, 0, 0, 2, 1, 1, 0, 0, 0, 1)),
+}
+V1_ROOT = (300, 100, 20, 5, 6, 120, 150, 20, 10, 3, 1, 25)
+# Hand-computed: v2 sums system.slice + user.slice + init.scope; v1 takes -.slice.
+HOST_TOTALS = {
+    "v2": {"systemctl": 164, "top": 69, "gap": 95, "file": 71, "reclaimable": 61, "shmem": 7, "kernel": 21,
+           "swap": 5, "anon": 72, "mapped": 16, "unmapped": 48},
+    "v1": {"systemctl": 300, "top": 125, "gap": 175, "file": 150, "reclaimable": 136, "shmem": 10, "kernel": 25,
+           "swap": 6, "anon": 120, "mapped": 20, "unmapped": 120},
+}
+HOST_PANELS = {  # (panel, legend) -> key of HOST_TOTALS
+    ("systemctl's number", ""): "systemctl", ("top's number", ""): "top", ("Gap", ""): "gap",
+    ("Page cache", ""): "file", ("Reclaimable cache", ""): "reclaimable", ("tmpfs / shm", ""): "shmem",
+    ("Kernel", ""): "kernel", ("Swap", ""): "swap",
+    ("Whole host: where the memory is", "anon"): "anon", ("Whole host: where the memory is", "mapped file"): "mapped",
+    ("Whole host: where the memory is", "unmapped cache"): "unmapped",
+    ("Whole host: where the memory is", "tmpfs / shm"): "shmem", ("Whole host: where the memory is", "kernel"): "kernel",
+    ("Whole host: where the memory is", "systemctl's number (cgroup usage)"): "systemctl",
+    ("Whole host: where the memory is", "top's number (Σ RSS of its processes)"): "top",
+}
+
+
+def host_total_series(layout: str) -> list[dict]:
+    mib = 1048576
+    cgroups = dict(HOST_TOTAL_CGROUPS)
+    root = V1_ROOT if layout == "v1" else (999,) * 12
+    cgroups[("-.slice", None)] = ("slice", "/", root)
+    out = []
+    for (unit, uid), (kind, cgroup, figures) in cgroups.items():
+        out.append(_series("h1:10073", "sme", "systemd_unit_info", "1x10", unit=unit, uid=uid, unit_type=kind,
+                           control_group=cgroup))
+        for name, value in zip(FIGURES, figures):
+            if layout == "v2" and unit == "-.slice" and name in ("cgroup_usage", "swap"):
+                continue  # the v2 root cgroup has no memory.current, no memory.swap.current
+            metric, label = (("systemd_unit_memory_bytes", "type") if name in FIGURES[:5]
+                             else ("systemd_unit_memory_stat_bytes", "item"))
+            out.append(_series("h1:10073", "sme", metric, f"{value * mib}x10", unit=unit, uid=uid, **{label: name}))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_host_totals_have_the_right_values(need_promtool, tmp_path, layout):
+    """Issue 15: `and` binds tighter than `or`, so the kernel tile used to sum every unit on v2 (a
+    slice of 100 and its service of 100 gave 200). Each host-total query is pinned to its value."""
+    values = {"instance": "h1:10073", "job": "sme"}
+    selected = [q for q in queries.dashboard_queries(values)
+                if q.uid == "systemd-memory-overview" and (q.panel, q.legend.replace("__auto", "")) in HOST_PANELS]
+    assert len(selected) == len(HOST_PANELS)
+    (tmp_path / "empty.rules.yml").write_text("groups: []\n")
+    test = {"rule_files": ["empty.rules.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": host_total_series(layout),
+        "promql_expr_test": [
+            {"expr": q.expr, "eval_time": "5m", "exp_samples": [{
+                "labels": '{instance="h1:10073"}',
+                "value": HOST_TOTALS[layout][HOST_PANELS[(q.panel, q.legend.replace("__auto", ""))]] * 1048576}]}
+            for q in selected
+        ],
+    }]}
+    (tmp_path / "host.test.yml").write_text(yaml.safe_dump(test, allow_unicode=True), encoding="utf-8")
+    result = promtool.run("test", "rules", tmp_path / "host.test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -32,7 +32,12 @@ def alerts() -> list[dict]:
 
 
 def alert_ids() -> list[str]:
-    return [rule["alert"] for rule in alerts()]
+    """Alert names, once each (a name has one rule per severity tier, as in node-mixin)."""
+    return list(dict.fromkeys(rule["alert"] for rule in alerts()))
+
+
+def rules_named(alert: str) -> list[dict]:
+    return [rule for rule in alerts() if rule["alert"] == alert]
 
 
 # --- promtool ------------------------------------------------------------------------------------
@@ -82,8 +87,7 @@ def _cases(alert: str) -> tuple[list, list]:
     expects the alert for some units (or sources, or hosts) while the input has others too: promtool
     compares the whole list, so those others are checked not to fire.
     """
-    rule = next(rule for rule in alerts() if rule["alert"] == alert)
-    hold = _duration(rule.get("for", "0s"))
+    hold = min(_duration(rule.get("for", "0s")) for rule in rules_named(alert))
     firing, quiet = [], []
     for path in RULE_TESTS:
         for test in yaml.safe_load(path.read_text(encoding="utf-8"))["tests"]:
@@ -112,17 +116,44 @@ def test_alert_has_firing_and_quiet_cases(alert):
 
 
 # --- what every alert must carry ------------------------------------------------------------------
+RUNBOOKS = "https://example.com/systemd-memory-exporter/runbooks#"
+UNIT_DASHBOARD = "https://grafana.example.com/d/systemd-memory-unit/systemd-unit-memory?"
+
+
+def readme_section(heading: str) -> str:
+    return README.read_text(encoding="utf-8").split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
 @pytest.mark.parametrize("alert", alert_ids())
 def test_alert_labels_and_annotations(alert):
-    rule = next(rule for rule in alerts() if rule["alert"] == alert)
-    assert rule.get("labels", {}).get("severity") in SEVERITIES
-    annotations = rule.get("annotations", {})
-    for key in ("summary", "description", "runbook"):
-        assert annotations.get(key, "").strip(), f"{alert}: no {key}"
-    text = annotations["summary"] + annotations["description"]
-    if alert not in NO_NUMBER:
-        assert "$value" in text or "query" in text, f"{alert}: the annotations show no number"
-    assert len(annotations["runbook"].split()) >= 25, f"{alert}: the runbook should be a paragraph"
+    for rule in rules_named(alert):
+        assert rule.get("labels", {}).get("severity") in SEVERITIES
+        annotations = rule.get("annotations", {})
+        for key in ("summary", "description", "runbook_url"):
+            assert annotations.get(key, "").strip(), f"{alert}: no {key}"
+        text = annotations["summary"] + annotations["description"]
+        if alert not in NO_NUMBER:
+            assert "$value" in text or "query" in text, f"{alert}: the annotations show no number"
+        assert annotations["runbook_url"] == RUNBOOKS + alert.lower()
+
+
+@pytest.mark.parametrize("alert", alert_ids())
+def test_every_alert_has_a_runbook_in_the_readme(alert):
+    """runbook_url points at README's Runbooks section: a heading per alert (its anchor) and a paragraph."""
+    runbooks = readme_section("### Runbooks")
+    assert f"\n#### {alert}\n" in runbooks, f"README has no runbook for {alert}"
+    text = runbooks.split(f"\n#### {alert}\n", 1)[1].split("\n#### ", 1)[0]
+    assert len(text.split()) >= 25, f"{alert}: the runbook should be a paragraph"
+
+
+def test_unit_alerts_link_the_unit_dashboard_with_url_escaped_labels():
+    for rule in alerts():
+        if rule["alert"].startswith("SystemdUnit"):
+            url = rule["annotations"].get("dashboard_url", "")
+            assert url.startswith(UNIT_DASHBOARD), rule["alert"]
+            for label in ("job", "instance", "unit"):
+                assert f"var-{label}={{{{ $labels.{label} | urlquery }}}}" in url, (rule["alert"], label)
+            assert "var-uid={{ . | urlquery }}" in url
 
 
 def test_byte_alerts_humanize_in_iec_units():
@@ -132,10 +163,56 @@ def test_byte_alerts_humanize_in_iec_units():
             pytest.fail(f"{rule['alert']}: bytes must use humanize1024, not humanize")
 
 
-def test_cache_alert_is_informational_and_the_risks_are_not():
-    severities = {rule["alert"]: rule["labels"]["severity"] for rule in alerts()}
-    assert severities["SystemdUnitMemoryMostlyCache"] == "info"
-    assert [name for name, level in severities.items() if level == "info"] == ["SystemdUnitMemoryMostlyCache"]
+def test_severities_page_only_on_risk():
+    """No informational alert (a healthy state is a panel or a recording rule); critical only where
+    the outcome is an OOM kill soon."""
+    levels = {(rule["alert"], rule["labels"]["severity"]) for rule in alerts()}
+    assert not [name for name, level in levels if level == "info"]
+    assert [name for name, level in levels if level == "critical"] == ["SystemdUnitAnonMemoryWillHitMemoryMax"]
+    assert "SystemdUnitMemoryMostlyCache" not in alert_ids()
+    assert "unit:systemd_unit_memory_reclaimable_cache_share:ratio" in queries.recorded_names()
+
+
+def test_rule_groups_have_intervals_and_alerts_read_no_subqueries():
+    """Bounded cost: every group sets its interval; range functions over long windows run in the
+    5-minute recording group, and no rule evaluates a subquery."""
+    for path in queries.rule_files():
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
+            assert "interval" in group, f"{path.name} {group['name']}: no interval"
+            for rule in group["rules"]:
+                assert not re.search(r"\[\d+[smhd]:\d*[smhd]?\]", rule["expr"]), f"{group['name']}: a subquery"
+                if re.search(r"\[1h\]", rule["expr"]):
+                    assert group["interval"] == "5m", f"{rule.get('record') or rule['alert']}: 1h window every minute"
+
+
+JOB = 'job="systemd-memory-exporter"'
+
+
+def test_every_exporter_selector_carries_the_job_selector(contract):
+    """The job selector is one literal: every selector of an exporter series in the rules has it."""
+    recorded = queries.recorded_names()
+    for r in queries.rule_expressions(with_annotations=False):
+        for metric, body in re.findall(r"\b([a-z_:][a-z0-9_:]*)\{([^}]*)\}", r.expr):
+            if metric in recorded or metric.startswith("unit:") or metric.startswith("instance:"):
+                continue
+            assert JOB in body, f"{r.name}: {metric}{{{body}}} has no {JOB}"
+        bare = re.findall(r"(?<![:\w])(systemd_[a-z0-9_]+|up)\b(?![{(_a-z:])", r.expr)
+        assert not bare, f"{r.name}: selectors without labels: {bare}"
+
+
+def test_rules_and_their_tests_work_for_another_job(need_promtool, tmp_path):
+    """The README's recipe for another job name (replace the selector text) keeps every test green."""
+    rules, tests = tmp_path / "deploy" / "prometheus", tmp_path / "tests" / "rules"
+    rules.mkdir(parents=True)
+    tests.mkdir(parents=True)
+    for path in queries.rule_files():
+        (rules / path.name).write_text(path.read_text(encoding="utf-8").replace(JOB, 'job=~"sme|sme-.+"'))
+    for path in RULE_TESTS:
+        text = path.read_text(encoding="utf-8").replace(JOB, 'job="sme"').replace('job: "systemd-memory-exporter"', 'job: "sme"')
+        (tests / path.name).write_text(text.replace("var-job=systemd-memory-exporter", "var-job=sme")
+                                       .replace("(job systemd-memory-exporter)", "(job sme)"))
+    result = promtool.run("test", "rules", *sorted(tests.glob("*.test.yml")))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_recording_rule_names_follow_level_metric_operations():
@@ -179,31 +256,37 @@ def test_contract_knows_the_metrics(contract):
     assert contract.knows("systemd_unit_memory_bytes")
     assert contract.knows("process_resident_memory_bytes")  # process_* rows
     assert not contract.knows("systemd_unit_memory_usage_bytes")
-    assert contract.labels_of("systemd_unit_memory_limit_bytes") == {"unit", "limit", "instance", "job"}
+    assert contract.labels_of("systemd_unit_memory_limit_bytes") == {"unit", "limit", "uid", "instance", "job"}
     assert {"cgroup_usage", "rss_anon", "rss_file", "rss_shmem", "swap"} <= contract.values_of("systemd_unit_memory_bytes", "type")
     assert {"file_mapped", "file_dirty", "file_writeback", "kernel"} <= contract.values_of("systemd_unit_memory_stat_bytes", "item")
     assert "oom_kill" in contract.values_of("systemd_unit_memory_events_total", "event")
     assert contract.values_of("systemd_unit_info", "unit_type") >= {"service", "slice"}
 
 
-def test_contract_prefers_the_readme_metrics_section(tmp_path):
-    (tmp_path / "METRICS_DRAFT.md").write_text("| metric | type | labels | meaning |\n|---|---|---|---|\n| old_metric | gauge | | |\n")
+def test_contract_is_the_readme_metrics_section(tmp_path):
     (tmp_path / "README.md").write_text(
         "# Project\n\n## Metrics\n\n### Per unit\n"
         "| metric | type | labels | meaning |\n|---|---|---|---|\n"
-        "| `new_metric` | gauge | unit, kind | kind in a, b |\n\n"
+        "| `new_metric` | gauge | unit, kind | kind in a, b |\n"
+        "| systemd_unit_memory_events_total | counter | unit, event | v2 memory.events: low, high, max, oom, "
+        "oom_kill, oom_group_kill; v1: max = memory.failcnt |\n\n"
         "## Other\n| other_metric | gauge | | |\n"
     )
     contract = metric_contract.load_contract(tmp_path)
     assert contract.source.name == "README.md"
-    assert contract.knows("new_metric") and not contract.knows("old_metric") and not contract.knows("other_metric")
+    assert contract.knows("new_metric") and not contract.knows("other_metric")
     assert contract.values_of("new_metric", "kind") == {"a", "b"}
+    # "...: a, b, c" when one label besides unit is not enumerated otherwise.
+    assert contract.values_of("systemd_unit_memory_events_total", "event") == {
+        "low", "high", "max", "oom", "oom_kill", "oom_group_kill"}
+    # uid (issue 12) is accepted on every per-unit metric before README lists it.
+    assert contract.labels_of("new_metric") == {"unit", "kind", "uid", "instance", "job"}
 
 
-def test_contract_falls_back_to_the_draft_without_a_metrics_section(tmp_path):
-    (tmp_path / "METRICS_DRAFT.md").write_text("| metric | type | labels | meaning |\n|---|---|---|---|\n| old_metric | gauge | | |\n")
+def test_contract_without_a_metrics_section_is_an_error(tmp_path):
     (tmp_path / "README.md").write_text("# Project\n\nNo metrics here yet.\n")
-    assert metric_contract.load_contract(tmp_path).source.name == "METRICS_DRAFT.md"
+    with pytest.raises(FileNotFoundError):
+        metric_contract.load_contract(tmp_path)
 
 
 # --- the PromQL name extractor ----------------------------------------------------------------------
@@ -228,24 +311,12 @@ def test_names_inside_strings_are_not_metrics():
 
 
 # --- documentation -----------------------------------------------------------------------------------
-def test_notes_table_lists_every_alert_with_its_severity():
-    text = README.read_text(encoding="utf-8").split("\n### Alerts\n", 1)[1].split("\n## ", 1)[0]
-    rows = {
-        cells[0].strip("` "): cells[1].strip("` ")
-        for cells in (line.strip("|").split("|") for line in text.splitlines() if line.startswith("| `"))
-    }
-    expected = {rule["alert"]: rule["labels"]["severity"] for rule in alerts()}
-    assert {name: rows.get(name) for name in expected} == expected
-    assert set(rows) <= set(expected), f"NOTES.md lists unknown alerts: {set(rows) - set(expected)}"
-
-
-def test_contract_values_from_a_colon_list_when_one_label_is_not_enumerated(tmp_path):
-    """METRICS_DRAFT.md's wording: "v2 memory.events: low, high, ..." with no "event in"."""
-    (tmp_path / "METRICS_DRAFT.md").write_text(
-        "| metric | type | labels | meaning |\n|---|---|---|---|\n"
-        "| systemd_unit_memory_events_total | counter | unit, event | v2 memory.events: low, high, max, oom, "
-        "oom_kill, oom_group_kill; v1: max = memory.failcnt |\n"
-    )
-    contract = metric_contract.load_contract(tmp_path)
-    assert contract.values_of("systemd_unit_memory_events_total", "event") == {
-        "low", "high", "max", "oom", "oom_kill", "oom_group_kill"}
+def test_readme_alert_table_lists_every_alert_with_its_severities():
+    text = readme_section("### Alerts")
+    rows = {}
+    for cells in (line.strip("|").split("|") for line in text.splitlines() if line.startswith("| `")):
+        rows.setdefault(cells[0].strip("` "), set()).add(cells[1].strip("` "))
+    expected = {}
+    for rule in alerts():
+        expected.setdefault(rule["alert"], set()).add(rule["labels"]["severity"])
+    assert rows == expected

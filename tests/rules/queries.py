@@ -3,7 +3,7 @@
     from rules import queries            # with tests/ on sys.path
     for q in queries.dashboard_queries({"instance": "localhost:10073", "unit": "foo\\\\.service"}):
         print(q.dashboard, q.panel, q.expr)          # q.expr has the template variables filled in
-    queries.alert_expr("SystemdUnitMemoryMostlyCache")
+    queries.alert_expr("SystemdUnitLargeTmpfs")
 
     python3 tests/rules/queries.py      # prints them all, one per line (tab-separated)
 
@@ -26,12 +26,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = REPO_ROOT / "grafana" / "dashboards"
 RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
 
-# What Grafana would put in for each variable. The unit default is the variable's "All" value.
+# What Grafana would put in for each variable. unit and uid: the multi-value variables' "All" values,
+# as Grafana writes them (a selection is regex-escaped by Grafana: see tests/test_dashboards.py).
+# unit_name: the unit of the single-select unit dashboard, which its queries escape with ${unit:regex}.
 SAMPLE_VALUES = {
     "datasource": "prometheus",
     "job": "systemd-memory-exporter",
     "instance": "localhost:10073",
     "unit": ".+",
+    "uid": ".*",
+    "unit_name": "systemd-journald.service",
     "__rate_interval": "1m",
     "__interval": "15s",
     "__interval_ms": "15000",
@@ -41,7 +45,12 @@ SAMPLE_VALUES = {
 }
 
 # $name, ${name}, ${name:format}, [[name]]. "$1" in a label_replace replacement is not a variable.
-_VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\[\[(\w+)(?::[^\]]*)?\]\]|\$(\w+)")
+_VARIABLE = re.compile(r"\$\{(\w+)(?::([^}]*))?\}|\[\[(\w+)(?::[^\]]*)?\]\]|\$(\w+)")
+
+
+def grafana_regex_escape(value: str) -> str:
+    """Grafana's ${var:regex} format (escapeRegex in @grafana/data): a backslash before each of \\^$*+?.()|[]{}/."""
+    return re.sub(r"[\\^$*+?.()|\[\]{}/]", lambda m: "\\" + m.group(), value)
 
 
 def substitute(text: str, values: dict[str, str] | None = None) -> str:
@@ -49,11 +58,13 @@ def substitute(text: str, values: dict[str, str] | None = None) -> str:
     merged = {**SAMPLE_VALUES, **(values or {})}
 
     def replace(match: re.Match) -> str:
-        name = match.group(1) or match.group(2) or match.group(3)
+        name = match.group(1) or match.group(3) or match.group(4)
         if name.isdigit():
             return match.group(0)
         if name not in merged:
             raise KeyError(f"unknown template variable ${name} in {text!r}")
+        if match.group(2) == "regex":  # a single-select variable's raw value, escaped by the format
+            return grafana_regex_escape(merged.get(f"{name}_name", merged[name]))
         return merged[name]
 
     return _VARIABLE.sub(replace, text)
