@@ -39,6 +39,11 @@ from tests.rules import promql_names, queries
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 JOB = "systemd-memory-exporter"
+# Two more exporters on the trees of the first two hosts, with every --collector.* series on, in a
+# job of their own: the host dashboards compared under both budgets.
+ALL_JOB = "systemd-memory-exporter-all-series"
+EVERY_FLAG = ("--collector.stat.fields=.+", "--collector.events.fields=.+", "--collector.limits.fields=.+",
+              "--collector.pressure.fields=.+", "--collector.peak")
 INSTANCES = 52
 INTERVAL = 5  # seconds: --sample.interval, scrape, evaluation, federation
 FLEET_DASHBOARD = "systemd-memory-fleet"
@@ -202,9 +207,7 @@ def _serve_args(*flags: str):
 
 def test_budget_flags():
     assert cli.series_budget(_serve_args()) == DEFAULT_BUDGET
-    everything = ("--collector.stat.fields=.+", "--collector.events.fields=.+", "--collector.limits.fields=.+",
-                  "--collector.pressure.fields=.+", "--collector.peak")
-    assert cli.series_budget(_serve_args(*everything)) == EVERY_SERIES
+    assert cli.series_budget(_serve_args(*EVERY_FLAG)) == EVERY_SERIES
     trimmed = cli.series_budget(_serve_args("--collector.stat.fields=anon|file", "--collector.events.fields=",
                                             "--no-collector.peak"))
     assert trimmed.stat_items == {"anon", "file"} and trimmed.events == frozenset() and not trimmed.peak
@@ -250,27 +253,81 @@ def test_rules_and_the_fleet_dashboard_read_only_default_series():
         "item=active_file", "peak"}  # the check itself can fail
 
 
+# --- the fleet dashboard, without Prometheus -----------------------------------------------------
+def fleet_dashboard(directory: Path = queries.DASHBOARD_DIR) -> dict:
+    return next(d for d in queries.load_dashboards(directory).values() if d["uid"] == FLEET_DASHBOARD)
+
+
+def test_fleet_dashboard_frame_variables_and_links():
+    d = fleet_dashboard()
+    assert d["title"] == "systemd memory: fleet" and "systemd-memory" in d["tags"] and d.get("id") is None
+    assert [v["name"] for v in d["templating"]["list"]] == ["datasource", "job"]
+    panels = d["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = [(x, y) for p in panels for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+             for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])]
+    assert len(cells) == len(set(cells)), "panels overlap"
+    text = json.dumps(d)
+    uids = {other["uid"] for other in queries.load_dashboards().values()}
+    links = re.findall(r"/d/([\w-]+)/", text)
+    assert set(links) == {"systemd-memory-overview", "systemd-memory-unit"} and set(links) <= uids
+    assert set(re.findall(r"\$\{(\w+):queryparam\}", text)) == {"datasource", "job"}
+    for p in panels:
+        for t in p.get("targets", []):
+            assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert 'job="$job"' in t["expr"], (p["title"], t["expr"])
+
+
+def test_fleet_dashboard_queries_parse_and_use_known_names():
+    from tests.rules import metric_contract, promtool
+
+    found = [q for q in queries.dashboard_queries() if q.uid == FLEET_DASHBOARD]
+    assert promtool.parse_errors([(f"{q.panel} {q.ref_id}", q.expr) for q in found]) is None
+    contract, recorded = metric_contract.load_contract(), queries.recorded_names()
+    problems = [f"{q.panel}: {problem}" for q in found for problem in contract.problems(q.expr, recorded)]
+    assert not problems
+    fleet_rules = {r.name for r in queries.rule_expressions() if r.file.name == "fleet-rules.yml"}
+    used = {name for q in found for name in promql_names.names(q.expr).metrics}
+    assert not fleet_rules - used, f"fleet rules the fleet dashboard does not show: {fleet_rules - used}"
+
+
+def test_fleet_dashboard_takes_the_builder_selectors(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "grafana/build_dashboards.py"), "--job-selector", 'job="sme"',
+                             "--cluster-label", "k8s_cluster", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    d = fleet_dashboard(tmp_path)
+    assert [v["name"] for v in d["templating"]["list"]] == ["datasource", "cluster"]
+    for p in d["panels"]:
+        for t in p.get("targets", []):
+            assert 'k8s_cluster="$cluster", job="sme"' in t["expr"], t["expr"]
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus is not installed (tests/prerequisites.sh installs it)")
     workdir = tmp_path_factory.mktemp("fleet")
     started = time.monotonic()
-    hosts, exporters, targets = [], [], []
+    hosts, exporters, targets, all_targets = [], [], [], []
     with contextlib.ExitStack() as stack:
-        for index in range(INSTANCES):
-            tree, capture = make_host(index, workdir)
+
+        def exporter(tree: Path, name: str, *flags: str) -> str:
             port = free_port()
-            log = stack.enter_context(open(workdir / f"exporter{index:02d}.log", "w"))
+            log = stack.enter_context(open(workdir / f"{name}.log", "w"))
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.fleet_exporter", str(tree), f"--web.listen-address=127.0.0.1:{port}",
-                 f"--sample.interval={INTERVAL}"],
+                 f"--sample.interval={INTERVAL}", *flags],
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
             )
             stack.callback(_end, proc)
-            hosts.append((tree, capture))
             exporters.append(proc)
-            targets.append(f"127.0.0.1:{port}")
+            return f"127.0.0.1:{port}"
+
+        for index in range(INSTANCES):
+            tree, capture = make_host(index, workdir)
+            hosts.append((tree, capture))
+            targets.append(exporter(tree, f"exporter{index:02d}"))
+        all_targets = [exporter(hosts[i][0], f"exporter{i:02d}-all", *EVERY_FLAG) for i in (0, 1)]
         ports = [free_port() for _ in range(3)]
         receiver = Prom("p3-remote-write", ports[2], workdir, {"global": {"scrape_interval": f"{INTERVAL}s"}},
                         ("--web.enable-remote-write-receiver",))
@@ -288,13 +345,14 @@ def fleet(tmp_path_factory):
             "scrape_configs": [{"job_name": JOB, "static_configs": [
                 {"targets": targets[:half], "labels": {"cluster": "c1"}},
                 {"targets": targets[half:], "labels": {"cluster": "c2"}},
-            ]}],
+            ]}, {"job_name": ALL_JOB, "static_configs": [{"targets": all_targets, "labels": {"cluster": "c1"}}]}],
             "remote_write": [remote_write(f"http://127.0.0.1:{ports[2]}/api/v1/write")],
         })
         stack.callback(first.stop)
-        first.wait(f"all {INSTANCES} exporters up",
-                   lambda: first.query(f'count(up{{job="{JOB}"}} == 1) == {INSTANCES}'), 90)
+        first.wait(f"all {INSTANCES} + 2 exporters up",
+                   lambda: first.query(f'count(up{{job=~"{JOB}|{ALL_JOB}"}} == 1) == {INSTANCES + 2}'), 90)
         yield {"first": first, "federating": federating, "receiver": receiver, "hosts": hosts, "targets": targets,
+               "all_targets": all_targets,
                "exporters": exporters, "started": started, "workdir": workdir}
 
 
@@ -334,9 +392,10 @@ def test_fleet_dashboard_queries_return_data(fleet):
     first = fleet["first"]
     found = [q for q in queries.dashboard_queries({"job": JOB, "cluster": ".*"}) if q.uid == FLEET_DASHBOARD]
     assert len(found) >= 5, f"the fleet dashboard ({FLEET_DASHBOARD}) has {len(found)} queries"
+    add_kills_once(fleet)  # for the OOM panel
     # Rules over [1h] windows and the per-host tables need a few evaluations first.
     first.wait("fleet aggregates recorded",
-               lambda: first.query(f"count(instance:systemd_unit_memory_gap_bytes:max) == {INSTANCES}"), 60)
+               lambda: first.query(f'count(instance:systemd_unit_memory_gap_bytes:max{{job="{JOB}"}}) == {INSTANCES}'), 60)
     empty = {}
     for q in found:
         try:
@@ -352,12 +411,12 @@ def test_host_totals_equal_the_trees_files(fleet):
     assert len(set(expected.values())) == INSTANCES, "the hosts should differ"
 
     def every_host():
-        got = {s["metric"]["instance"]: float(s["value"][1]) for s in first.query("instance:systemd_unit_memory_cgroup_usage_bytes:sum")}
+        got = {s["metric"]["instance"]: float(s["value"][1]) for s in first.query(f'instance:systemd_unit_memory_cgroup_usage_bytes:sum{{job="{JOB}"}}')}
         return got if len(got) == INSTANCES else None
 
     got = first.wait("a host total per instance", every_host, 60)
     assert got == {target: float(value) for target, value in expected.items()}
-    clusters = {s["metric"]["cluster"]: float(s["value"][1]) for s in first.query("job:systemd_unit_memory_cgroup_usage_bytes:sum")}
+    clusters = {s["metric"]["cluster"]: float(s["value"][1]) for s in first.query(f'job:systemd_unit_memory_cgroup_usage_bytes:sum{{job="{JOB}"}}')}
     half = INSTANCES // 2
     assert clusters == {"c1": float(sum(list(expected.values())[:half])), "c2": float(sum(list(expected.values())[half:]))}
 
@@ -370,7 +429,7 @@ def add_kills_once(fleet) -> dict[str, int]:
     first = fleet["first"]
     if not fleet.get("kills"):
         first.wait("oom_kill seen by a first scrape", lambda: first.query(
-            f'count(systemd_unit_memory_events_total{{event="oom_kill", unit=~"{"|".join(OOM_UNIT.values())}"}}) == {INSTANCES}'), 30)
+            f'count(systemd_unit_memory_events_total{{event="oom_kill", job="{JOB}", unit=~"{"|".join(OOM_UNIT.values())}"}}) == {INSTANCES}'), 30)
         for index, count in KILLS.items():
             add_oom_kills(*fleet["hosts"][index], count)
         fleet["kills"] = {fleet["targets"][index]: count for index, count in KILLS.items()}
@@ -387,14 +446,15 @@ def test_oom_kills_reach_the_fleet_aggregates(fleet):
         return got.keys() == want.keys() and all(want[k] <= got[k] <= want[k] * 1.5 for k in want)
 
     def counted():
-        got = {s["metric"]["instance"]: float(s["value"][1]) for s in first.query("instance:systemd_unit_memory_oom_kills:increase1h > 0")}
+        got = {s["metric"]["instance"]: float(s["value"][1]) for s in first.query(f'instance:systemd_unit_memory_oom_kills:increase1h{{job="{JOB}"}} > 0')}
         return got if close(got, expected) else None
 
     first.wait("OOM kills counted per host", counted, 60)
     # The per-cluster figure is the sum of its hosts' figures of the same evaluation.
-    at = time.time() - INTERVAL
-    per_host = first.query("instance:systemd_unit_memory_oom_kills:increase1h", at)
-    per_cluster = {s["metric"]["cluster"]: float(s["value"][1]) for s in first.query("job:systemd_unit_memory_oom_kills:increase1h", at)}
+    time.sleep(INTERVAL + 1)
+    at = time.time()
+    per_host = first.query(f'instance:systemd_unit_memory_oom_kills:increase1h{{job="{JOB}"}}', at)
+    per_cluster = {s["metric"]["cluster"]: float(s["value"][1]) for s in first.query(f'job:systemd_unit_memory_oom_kills:increase1h{{job="{JOB}"}}', at)}
     sums = {}
     for s in per_host:
         sums[s["metric"]["cluster"]] = sums.get(s["metric"]["cluster"], 0.0) + float(s["value"][1])
@@ -404,23 +464,29 @@ def test_oom_kills_reach_the_fleet_aggregates(fleet):
 
 
 def test_host_dashboards_have_data_with_the_default_budget(fleet):
-    """The overview, unit and why dashboards against one v1 and one v2 host of the fleet, served
-    with the default flags: every query has data on one of them, except the peak panel, which
-    needs --collector.peak (tests/test_prometheus.py runs them with every flag on)."""
+    """The overview, unit and why dashboards on the first two hosts (v1, v2), each served twice: with
+    the default flags and with every series on. A query that has data with every series on must
+    have data with the defaults, except the peak panel, which needs --collector.peak (tests/
+    test_prometheus.py and the v2 guest test run the dashboards with every flag on)."""
     first = fleet["first"]
-    kills = add_kills_once(fleet)
+    add_kills_once(fleet)
     first.wait("the kills scraped", lambda: first.query(
-        f'increase(systemd_unit_memory_events_total{{event="oom_kill", instance="{fleet["targets"][1]}"}}[2m]) > 0'), 30)
-    empty = []
-    for q in queries.dashboard_queries({"job": JOB, "instance": fleet["targets"][0], "cluster": ".*"}):
+        f'increase(systemd_unit_memory_events_total{{event="oom_kill", job="{ALL_JOB}"}}[2m]) > 0'), 30)
+    lost, compared = [], 0
+    for q in queries.dashboard_queries():
         if q.uid == FLEET_DASHBOARD:
             continue
-        others = [queries.substitute(q.raw_expr, {"job": JOB, "instance": fleet["targets"][i], "cluster": ".*"}) for i in (0, 1)]
-        if not any(first.query(expr) for expr in others):
-            empty.append((q, opt_in_reads(q.expr)))
-    assert kills
-    assert all(reads == {"peak"} for _, reads in empty), [f"{q.dashboard} / {q.panel}: {q.expr}" for q, reads in empty if reads != {"peak"}]
-    assert empty, "the peak panel should be empty without --collector.peak"
+        for index in (0, 1):
+            def has_data(job: str, instance: str) -> bool:
+                return bool(first.query(queries.substitute(q.raw_expr, {"job": job, "instance": instance})))
+
+            if has_data(ALL_JOB, fleet["all_targets"][index]):
+                compared += 1
+                if not has_data(JOB, fleet["targets"][index]):
+                    lost.append((q, opt_in_reads(q.expr)))
+    assert compared > 50
+    assert lost, "the peak panel should be empty without --collector.peak"
+    assert all(reads == {"peak"} for _, reads in lost), [f"{q.dashboard} / {q.panel}: {q.expr}" for q, reads in lost if reads != {"peak"}]
 
 
 @pytest.mark.parametrize("downstream", ["federating", "receiver"])
@@ -444,7 +510,7 @@ def test_downstream_series_equal_the_originals(fleet, downstream):
 def test_figures(fleet):
     """Not an assertion of speed: the figures the README and the report quote, printed."""
     first = fleet["first"]
-    series = [float(s["value"][1]) for s in first.query("instance:systemd_memory_exporter_series:scraped")]
+    series = [float(s["value"][1]) for s in first.query(f'instance:systemd_memory_exporter_series:scraped{{job="{JOB}"}}')]
     figures = {
         "instances": INSTANCES,
         "exporter RSS MiB (sum)": round(sum(rss_mib(p.pid) for p in fleet["exporters"]), 1),
