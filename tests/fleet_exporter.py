@@ -19,6 +19,11 @@ from pathlib import Path
 from exporter import cli
 from exporter.systemd import DiscoveryResult, Unit
 
+# Every optional series on (render.EVERY_SERIES): for tests that check every figure the exporter
+# can give, or every dashboard panel, rather than the default series budget.
+EVERY_SERIES_FLAGS = ("--collector.stat.fields=.+", "--collector.events.fields=.+", "--collector.limits.fields=.+",
+                      "--collector.pressure.fields=.+", "--collector.peak")
+
 
 class FixtureDiscovery:
     """DiscoveryProcess's interface, answering every request with the tree's units."""

@@ -34,6 +34,7 @@ import pytest
 from exporter import cli
 from exporter.render import DEFAULT_BUDGET, EVERY_SERIES, SeriesBudget
 from tests.bench import series as series_bench
+from tests.fleet_exporter import EVERY_SERIES_FLAGS
 from tests.rules import promql_names, queries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +43,7 @@ JOB = "systemd-memory-exporter"
 # Two more exporters on the trees of the first two hosts, with every --collector.* series on, in a
 # job of their own: the host dashboards compared under both budgets.
 ALL_JOB = "systemd-memory-exporter-all-series"
-EVERY_FLAG = ("--collector.stat.fields=.+", "--collector.events.fields=.+", "--collector.limits.fields=.+",
-              "--collector.pressure.fields=.+", "--collector.peak")
+EVERY_FLAG = EVERY_SERIES_FLAGS
 INSTANCES = 52
 INTERVAL = 5  # seconds: --sample.interval, scrape, evaluation, federation
 FLEET_DASHBOARD = "systemd-memory-fleet"

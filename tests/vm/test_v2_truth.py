@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from exporter import memory as memfiles
+from tests.fleet_exporter import EVERY_SERIES_FLAGS
 from tests.truth import (
     MiB,
     Scrape,
@@ -122,7 +123,8 @@ class GuestExporter:
 def exporter(vm):
     started = time.monotonic()
     vm.start_unit(EXPORTER_UNIT, ["python3", "-m", "exporter", f"--web.listen-address=127.0.0.1:{PORT}",
-                                  f"--sample.interval={INTERVAL:g}", "--log.level=debug"])
+                                  f"--sample.interval={INTERVAL:g}", "--log.level=debug",
+                                  *EVERY_SERIES_FLAGS])  # every figure is checked, opt-in ones too
     try:
         client = GuestExporter(vm, URL, INTERVAL)
         client.wait_ready(timeout=30)
