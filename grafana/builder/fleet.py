@@ -23,24 +23,25 @@ def _rule(q: Queries, name: str) -> str:
     return f"{name}{{{q.sel.scope}}}"
 
 
-def _host_link(q: Queries) -> list[dict]:
+def _kept(q: Queries) -> str:
+    """The variables a link carries over: data source, [cluster,] [job]."""
     cluster = "&${cluster:queryparam}" if q.sel.cluster_label else ""
     job = "&${job:queryparam}" if q.sel.job_variable else ""
+    return "${datasource:queryparam}" + cluster + job
+
+
+def _host_link(q: Queries) -> list[dict]:
     return [{
         "title": "Open the host's overview",
-        "url": f"{OVERVIEW_DASHBOARD}?${{datasource:queryparam}}{cluster}{job}"
-        "&var-instance=${__data.fields.instance:percentencode}&${__url_time_range}",
+        "url": f"{OVERVIEW_DASHBOARD}?{_kept(q)}&var-instance=${{__data.fields.instance:percentencode}}&${{__url_time_range}}",
     }]
 
 
 def _unit_link(q: Queries) -> list[dict]:
-    cluster = "&${cluster:queryparam}" if q.sel.cluster_label else ""
-    job = "&${job:queryparam}" if q.sel.job_variable else ""
     return [{
         "title": "Open the unit dashboard on this host",
-        "url": f"{UNIT_DASHBOARD}?${{datasource:queryparam}}{cluster}{job}"
-        "&var-instance=${__data.fields.instance:percentencode}&var-uid=${__data.fields.uid:percentencode}"
-        "&var-unit=${__data.fields.unit:percentencode}&${__url_time_range}",
+        "url": f"{UNIT_DASHBOARD}?{_kept(q)}&var-instance=${{__data.fields.instance:percentencode}}"
+        "&var-uid=${__data.fields.uid:percentencode}&var-unit=${__data.fields.unit:percentencode}&${__url_time_range}",
     }]
 
 
