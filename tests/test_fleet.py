@@ -1,6 +1,7 @@
 """The exporter as a fleet: 52 exporter instances, one real Prometheus scraping them all with the
-shipped rules (their group intervals shortened to the test's 5 s), a second federating the fleet aggregates from it, a third receiving them by
-remote write (Debian 12's prometheus 2.42, --web.enable-remote-write-receiver).
+shipped rules (their group intervals shortened to the test's 5 s), a second federating the fleet
+aggregates from it, a third receiving them by remote write (Debian 12's prometheus 2.42,
+--web.enable-remote-write-receiver).
 
 The hosts are the two captured fixture trees (tests/fixtures/hybrid: cgroup v1 hybrid;
 tests/fixtures/v2: unified), copied once per instance and made different from each other: every
