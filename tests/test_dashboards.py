@@ -566,3 +566,32 @@ def test_host_totals_have_the_right_values(need_promtool, tmp_path, layout):
     (tmp_path / "host.test.yml").write_text(yaml.safe_dump(test, allow_unicode=True), encoding="utf-8")
     result = promtool.run("test", "rules", tmp_path / "host.test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@params()
+def test_unit_variable_lists_every_kind_of_unit(path):
+    """VM and container scopes (machine-*.scope, libpod-*.scope, docker-*.scope) are selected like
+    services: the unit variable filters on no unit type or name; the synthetic host above has them."""
+    selector, label = queries.variable_expr(variables(DASHBOARDS[path])["unit"])
+    assert label == "unit" and "unit_type" not in selector and "unit=" not in selector
+    assert {"machine-qemu\\x2d1\\x2dvm1.scope", "libpod-0123abcd.scope"} <= {unit for unit, _ in HOST_UNITS}
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_the_value_model_agrees_with_the_pinned_host_totals(layout):
+    """tests/rules/dashboard_values.py, which the real-Prometheus tests compare the panels with,
+    gives the hand-computed totals on the same v1- and v2-shaped hosts."""
+    from rules import dashboard_values as model
+
+    cgroups = dict(HOST_TOTAL_CGROUPS)
+    cgroups[("-.slice", None)] = ("slice", "/", V1_ROOT if layout == "v1" else (999,) * 12)
+    units = {}
+    for key, (kind, cgroup, figures) in cgroups.items():
+        names = [name if name in FIGURES[:5] else f"stat:{name}" for name in FIGURES]
+        units[key] = {**{n: float(v) for n, v in zip(names, figures)}, "control_group": cgroup, "unit_type": kind}
+    host = model.host_figures(units, layout)
+    keys = {"systemctl's number": "systemctl", "top's number": "top", "Gap": "gap", "Page cache": "file",
+            "Reclaimable cache": "reclaimable", "tmpfs / shm": "shmem", "Kernel": "kernel", "Swap": "swap"}
+    for (panel, legend), compute in model.HOST_PANELS.items():
+        key = keys.get(panel) if not legend else HOST_PANELS[(panel, legend)]
+        assert compute(host) == HOST_TOTALS[layout][key] * 1.0, (panel, legend)
