@@ -43,7 +43,7 @@ def rules_named(alert: str) -> list[dict]:
 # --- promtool ------------------------------------------------------------------------------------
 def test_rule_files_exist():
     names = [path.name for path in queries.rule_files()]
-    assert names == ["alerting-rules.yml", "recording-rules.yml"]
+    assert names == ["alerting-rules.yml", "fleet-rules.yml", "recording-rules.yml"]
 
 
 def test_promtool_check_rules(need_promtool):
