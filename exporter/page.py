@@ -478,7 +478,7 @@ class Pages:
             return (200, packed, True) if gzip_ok else (200, gzip.decompress(packed), False)
         name = unquote(path[len(UNIT_PREFIX):])
         uid_text = parse_qs(query).get("uid", [""])[-1]
-        if uid_text and not uid_text.isdigit():
+        if uid_text and not (uid_text.isascii() and uid_text.isdigit()):  # "²".isdigit() too, int() refuses it
             return 400, _not_found(f"uid must be a number, not {uid_text!r}.").encode(), False
         uid = int(uid_text) if uid_text else None
         if published is None:

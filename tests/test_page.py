@@ -338,6 +338,7 @@ def test_a_user_unit_named_like_a_system_unit_has_its_own_row_and_page():
     assert "slice session.slice" in text and ("uid 1000" in text or "(1000)" in text)  # name if /etc/passwd has one
     assert pages.respond("/unit/dbus.service?uid=1001", published(snapshot))[0] == 404
     assert pages.respond("/unit/dbus.service?uid=x", published(snapshot))[0] == 400
+    assert pages.respond("/unit/dbus.service?uid=%C2%B2", published(snapshot))[0] == 400  # "²".isdigit() is True
 
 
 def test_names_are_escaped_in_markup_and_links():
