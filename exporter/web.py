@@ -137,7 +137,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _page(self, target: str) -> None:
         gzip_ok = gzip_accepted(self.headers.get("Accept-Encoding", ""))
-        status, body, gzipped = self.server.pages.respond(target, self.server.loop.latest(), gzip_ok)
+        status, body, gzipped = self.server.pages.respond(target, self.server.loop.last(), gzip_ok)
         self._send(status, body, PAGE_CONTENT_TYPE, gzipped)
 
     def _send(self, status: int, body: bytes, content_type: str, gzipped: bool = False) -> None:
