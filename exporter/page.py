@@ -330,12 +330,14 @@ def _table(rows: list[tuple[str, ...]], head: tuple[str, ...] = ()) -> str:
     return "<table>" + thead + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table>"
 
 
-def grafana_links(grafana_url: str, unit: str) -> list[tuple[str, str]]:
+def grafana_links(grafana_url: str, unit: str, uid: int | None = None) -> list[tuple[str, str]]:
     """Links into the shipped dashboards (grafana/dashboards: uid systemd-memory-unit and
-    systemd-memory-why, both with a `unit` variable)."""
+    systemd-memory-why, both with `unit` and `uid` variables). A user's unit selects its user
+    too. Not the host: Prometheus's instance label is set by the scrape config, which the
+    exporter cannot see, so the dashboard keeps its own instance selection."""
     if not grafana_url:
         return []
-    var = "var-unit=" + quote(unit, safe="")
+    var = "var-unit=" + quote(unit, safe="") + ("" if uid is None else f"&var-uid={uid}")
     return [
         ("unit memory over time", f"{grafana_url}/d/systemd-memory-unit?{var}"),
         ("why systemctl disagrees with top", f"{grafana_url}/d/systemd-memory-why?{var}"),
@@ -428,7 +430,7 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
             else "<p>No pressure figures: PSI (memory.pressure) exists on cgroup v2 only.</p>"
         )
     )
-    links = grafana_links(grafana_url, r.unit)
+    links = grafana_links(grafana_url, r.unit, r.uid)
     if links:
         sections.append(
             '<h2>Grafana</h2><ul class="grafana">'

@@ -231,6 +231,19 @@ def test_unit_page_shows_limits_events_pressure_and_grafana_links():
     assert "http://grafana.example:3000/d/systemd-memory-why?var-unit=smx-limited-9.service" in links
 
 
+def test_grafana_links_of_a_user_unit_select_its_user():
+    snapshot = sample_tree(FIXTURES / "v2")
+    system = snapshot.unit("dbus.service")
+    user = dataclasses.replace(system, unit=dataclasses.replace(system.unit, uid=1500))
+    snapshot = dataclasses.replace(snapshot, units=snapshot.units + (user,))
+    pages = Pages("/metrics", "http://grafana.example:3000/")
+    links = [e["attrs"]["href"] for e in Dom(pages.respond("/unit/dbus.service?uid=1500", published(snapshot))[1].decode()).find("a")]
+    assert "http://grafana.example:3000/d/systemd-memory-unit?var-unit=dbus.service&var-uid=1500" in links
+    assert "http://grafana.example:3000/d/systemd-memory-why?var-unit=dbus.service&var-uid=1500" in links
+    links = [e["attrs"]["href"] for e in Dom(pages.respond("/unit/dbus.service", published(snapshot))[1].decode()).find("a")]
+    assert "http://grafana.example:3000/d/systemd-memory-unit?var-unit=dbus.service" in links
+
+
 def test_unit_page_of_an_escaped_name_and_without_grafana():
     snapshot = sample_tree(FIXTURES / "v2")
     name = "smx\\x2descaped\\x2ddemo\\x2d6.service"
