@@ -210,9 +210,12 @@ def test_a_users_dbus_service_never_collides_with_the_systems(testhost, exporter
 
 
 @pytest.mark.e2e
-def test_user_units_are_inside_their_manager_and_not_in_host_totals_twice(testhost, exporter, user_units):
-    """Host totals come from -.slice (v1) or the top-level cgroups: user units are below
-    user@UID.service, which holds their processes already."""
+def test_a_user_managers_rss_covers_its_units_and_system_units_fit_in_the_host(testhost, exporter, user_units):
+    """User units lie below user@UID.service, which holds their processes already: the manager's
+    rss_anon covers its units', and the units without uid hold no more processes than -.slice.
+    That host totals count no user unit twice is the recording rules' business, tested with
+    promtool on a host with user units in tests/rules/recording-rules.test.yml ("Host totals
+    with user units")."""
     m = exporter.scrape()
     manager = _one(m, "systemd_unit_memory_bytes", unit=f"user@{UID}.service", uid=None, type="rss_anon")
     inside = sum(s.value for s in _series(m, "systemd_unit_memory_bytes", uid=str(UID), type="rss_anon")
