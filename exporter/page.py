@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, unquote
 
 from . import __version__
-from .explain import Reconciliation, human_bytes, layout_summary, percent, reconcile
+from .explain import Reconciliation, human_bytes, layout_summary, no_memory_cgroup, percent, reconcile
 
 if TYPE_CHECKING:  # service.py imports no page code; this is for the annotations only
     from .service import Published
@@ -376,16 +376,8 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
             if p.bytes is not None
         ]
         parts_html = "<h2>What systemctl's figure is made of</h2>" + _table(rows, ("part", "bytes", "share", "why"))
-    elif r.uid is not None:
-        parts_html = (
-            "<p>No memory cgroup: on cgroup v1 systemd gives user managers no memory controller, "
-            "so systemctl --user shows MemoryCurrent [not set] and only top's view exists.</p>"
-        )
     else:
-        parts_html = (
-            "<p>No memory cgroup: memory accounting is off for this unit (MemoryAccounting=no on cgroup v1), "
-            "so systemd reports no figure and only top's view exists.</p>"
-        )
+        parts_html = f"<p>{e(no_memory_cgroup(r))}</p>"
     extra = []
     if r.swap is not None:
         extra.append(("swap (outside usage)", human_bytes(r.swap), "", ""))

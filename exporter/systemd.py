@@ -54,7 +54,12 @@ class Unit:
         """Unique among the units of one sample: the name, and for a user's unit its user too
         ("dbus.service (uid 1500)"; a valid unit name has no spaces, and user units are
         checked against UNIT_NAME). Also how explain names it."""
-        return self.name if self.uid is None else f"{self.name} (uid {self.uid})"
+        return unit_key(self.name, self.uid)
+
+
+def unit_key(name: str, uid: int | None) -> str:
+    """Unit.key for a unit known by name and uid only (explain's reconciliations)."""
+    return name if uid is None else f"{name} (uid {uid})"
 
 
 # --------------------------------------------------------------------------- user units

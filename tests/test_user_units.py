@@ -313,17 +313,17 @@ def test_a_user_unit_named_like_a_system_unit_keeps_its_own_figures():
 
 
 def test_explain_names_a_user_unit_and_why_it_has_no_cgroup_figures():
-    from exporter.explain import explain_unit
+    from exporter.explain import explain_text, reconcile
     from exporter.procfs import ProcessTotals
     from exporter.snapshot import UnitSample
     from exporter.systemd import Unit
 
     unit = Unit("x.service", "service", "active", "", f"{MANAGER}/app.slice/x.service", 1500)
-    text = explain_unit(UnitSample(unit, ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None))
+    text = explain_text(reconcile(UnitSample(unit, ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None)))
     assert text.splitlines()[0] == f"x.service (uid 1500)  (active, 1 process, cgroup {MANAGER}/app.slice/x.service)"
     assert "no memory controller" in text and "MemoryCurrent [not set]" in text
-    system = explain_unit(UnitSample(Unit("x.service", "service", "active", "running", "/system.slice/x.service"),
-                                     ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None))
+    system = explain_text(reconcile(UnitSample(Unit("x.service", "service", "active", "running", "/system.slice/x.service"),
+                                               ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None)))
     assert system.splitlines()[0].startswith("x.service  (active/running, 1 process")
     assert "MemoryAccounting=no" in system
 
