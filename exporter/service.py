@@ -97,6 +97,11 @@ class SampleLoop:
             self._changed.wait_for(lambda: self._generation >= target, timeout=wait)
             return self._latest
 
+    def last(self) -> Published | None:
+        """The latest snapshot as it is, never starting a cycle: what pages show (with interval
+        0, what the last scrape saw; latest() would sample for a view nobody scrapes)."""
+        return self._latest
+
     def _run(self) -> None:
         try:
             self._sample_until_stopped()
