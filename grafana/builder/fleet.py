@@ -68,35 +68,52 @@ def tiles(q: Queries) -> list[dict]:
             for i, (title, description, expr, unit, color) in enumerate(specs)]
 
 
+# The worst unit of a group of units, shared by the hosts table (the group: one host, rules
+# instance:...) and the units table (the group: one unit name across hosts, rules job_unit:...):
+# (column, rule after the prefix, Grafana unit of the column; None: bytes, the table's default).
+WORST_UNIT = (
+    ("largest gap", "systemd_unit_memory_gap_bytes:max", None),
+    ("fastest anon growth", "systemd_unit_memory_anon_bytes:deriv1h_max", PER_SECOND),
+    ("closest to a limit", "systemd_unit_memory_working_set_to_limit:max_ratio", RATIO),
+    ("OOM kills (1h)", "systemd_unit_memory_oom_kills:increase1h", "short"),
+)
+
+
+def _count_column(name: str) -> dict:
+    return p.by_name(name, p.prop("unit", "short"), p.prop("decimals", 0))
+
+
+def _worst_unit_table(q: Queries, prefix: str, title: str, description: str, grid: dict,
+                      first: list[tuple[str, str]], last: list[tuple[str, str]], counts: list[str],
+                      **table) -> dict:
+    """A table of `first` columns, the WORST_UNIT columns of the rules `prefix:...`, then `last`,
+    sorted by the largest gap; `counts` are whole-number columns."""
+    columns = first + [(name, _rule(q, f"{prefix}:{rule}")) for name, rule, _ in WORST_UNIT] + last
+    units = [p.by_name(name, p.prop("unit", unit)) for name, _, unit in WORST_UNIT if unit not in (None, "short")]
+    whole = [_count_column(name) for name in counts + [name for name, _, unit in WORST_UNIT if unit == "short"]]
+    table.setdefault("overrides", [])
+    table["overrides"] += units + whole
+    return p.table(title, description, grid, columns, sort_by="largest gap", **table)
+
+
 def hosts_table(q: Queries) -> dict:
-    columns = [
-        ("systemctl's number", _rule(q, "instance:systemd_unit_memory_cgroup_usage_bytes:sum")),
-        ("top's number", _rule(q, "instance:systemd_unit_memory_rss_bytes:sum")),
-        ("reclaimable cache", _rule(q, "instance:systemd_unit_memory_reclaimable_cache_bytes:sum")),
-        ("largest unit gap", _rule(q, "instance:systemd_unit_memory_gap_bytes:max")),
-        ("closest to a limit", _rule(q, "instance:systemd_unit_memory_working_set_to_limit:max_ratio")),
-        ("fastest anon growth", _rule(q, "instance:systemd_unit_memory_anon_bytes:deriv1h_max")),
-        ("OOM kills (1h)", _rule(q, "instance:systemd_unit_memory_oom_kills:increase1h")),
-        ("series", _rule(q, "instance:systemd_memory_exporter_series:scraped")),
-    ]
-    panel = p.table(
-        "Hosts",
+    panel = _worst_unit_table(
+        q, "instance", "Hosts",
         "One row per host of the job, sorted by the largest gap of any of its units. systemctl's and top's numbers "
         "are host totals (top-level cgroups); closest to a limit: the highest working set / MemoryMax or "
         "MemoryHigh of any unit; fastest anon growth: the steepest 1-hour fit of any unit's anonymous memory. "
         "Click a host for its overview dashboard.",
         p.pos(0, 4, 24, 11),
-        columns,
-        sort_by="largest unit gap",
+        first=[
+            ("systemctl's number", _rule(q, "instance:systemd_unit_memory_cgroup_usage_bytes:sum")),
+            ("top's number", _rule(q, "instance:systemd_unit_memory_rss_bytes:sum")),
+            ("reclaimable cache", _rule(q, "instance:systemd_unit_memory_reclaimable_cache_bytes:sum")),
+        ],
+        last=[("series", _rule(q, "instance:systemd_memory_exporter_series:scraped"))],
+        counts=["series"],
         key="instance",
         key_name="host",
-        overrides=[
-            p.by_name("instance", p.prop("links", _host_link(q))),
-            p.by_name("closest to a limit", p.prop("unit", RATIO)),
-            p.by_name("fastest anon growth", p.prop("unit", PER_SECOND)),
-            p.by_name("OOM kills (1h)", p.prop("unit", "short"), p.prop("decimals", 0)),
-            p.by_name("series", p.prop("unit", "short"), p.prop("decimals", 0)),
-        ],
+        overrides=[p.by_name("instance", p.prop("links", _host_link(q)))],
     )
     # The host is this table's key: keep the instance column the shared table hides.
     del panel["transformations"][1]["options"]["excludeByName"]["instance"]
@@ -104,27 +121,15 @@ def hosts_table(q: Queries) -> dict:
 
 
 def units_table(q: Queries) -> dict:
-    columns = [
-        ("hosts", _rule(q, "job_unit:systemd_unit_info:count")),
-        ("largest gap", _rule(q, "job_unit:systemd_unit_memory_gap_bytes:max")),
-        ("fastest anon growth", _rule(q, "job_unit:systemd_unit_memory_anon_bytes:deriv1h_max")),
-        ("closest to a limit", _rule(q, "job_unit:systemd_unit_memory_working_set_to_limit:max_ratio")),
-        ("OOM kills (1h)", _rule(q, "job_unit:systemd_unit_memory_oom_kills:increase1h")),
-    ]
-    return p.table(
-        "Units across hosts",
+    return _worst_unit_table(
+        q, "job_unit", "Units across hosts",
         "One row per unit name (slices left out), over every host it runs on: on how many hosts, its largest gap "
         "on any of them, its fastest anon growth, how close it comes to a limit, and its OOM kills in the last "
         "hour, summed. The table below names the hosts.",
         p.pos(0, 15, 12, 12),
-        columns,
-        sort_by="largest gap",
-        overrides=[
-            p.by_name("hosts", p.prop("unit", "short"), p.prop("decimals", 0)),
-            p.by_name("fastest anon growth", p.prop("unit", PER_SECOND)),
-            p.by_name("closest to a limit", p.prop("unit", RATIO)),
-            p.by_name("OOM kills (1h)", p.prop("unit", "short"), p.prop("decimals", 0)),
-        ],
+        first=[("hosts", _rule(q, "job_unit:systemd_unit_info:count"))],
+        last=[],
+        counts=["hosts"],
     )
 
 
@@ -135,7 +140,7 @@ def largest_gaps(q: Queries) -> dict:
         f'systemd_unit_memory_bytes{{type="cgroup_usage", {scope}}}\n- ignoring (type)\n'
         f'sum without (type) (systemd_unit_memory_bytes{{type=~"rss_anon|rss_file|rss_shmem", {scope}}})'
     )
-    expr = f'topk(20,\n(\n{gap}\n)\nand on (instance, job, unit) systemd_unit_info{{unit_type!="slice", {scope}}}\n)'
+    expr = f'topk(20,\n(\n{gap}\n)\nand on (instance, job, unit, uid) systemd_unit_info{{unit_type!="slice", {scope}}}\n)'
     panel = p.table(
         "Largest gaps: host and unit",
         "The 20 units with the largest gap (systemctl − top) on any host, from the exporter's own series (empty on "
