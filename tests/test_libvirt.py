@@ -14,8 +14,11 @@ import time
 
 import pytest
 
+from tests.rules import dashboard_values as model
+from tests.rules import prometheus as prom
+from tests.rules import queries
 from tests.testhost import workloads
-from tests.truth import MiB, exporter_in_host, proc_sums_script
+from tests.truth import MiB, exporter_in_host, free_port, proc_sums_script
 
 pytestmark = pytest.mark.e2e
 
@@ -131,6 +134,33 @@ def test_explain_libvirtd_names_page_cache_as_the_gap(testhost, exporter, libvir
     assert share >= 60, verdict
     cache_line = next(line for line in section.splitlines() if "unmapped page cache" in line)
     assert float(cache_line.split()[3]) >= 0.9 * VOLUME_MIB, cache_line  # "... 444.2 MiB 81 % ..."
+
+
+def test_dashboards_why_view_and_verdict_show_libvirtds_page_cache(testhost, exporter, libvirt, tmp_path):
+    """The "why" dashboard's table, read by a real Prometheus with the shipped rules, leads with
+    libvirtd's gap as unmapped page cache, each column equal to the exporter's own series, and the
+    unit dashboard's verdict tile says page cache (1), as explain does."""
+    unit = libvirt["daemon"]
+    instance = f"127.0.0.1:{exporter.port}"
+    values = {"instance": instance, "job": prom.JOB, "unit_name": unit, "__range": "1m", "__interval": "5s"}
+    with prom.running([instance], tmp_path, free_port()) as (prometheus, proc):
+        prometheus.wait_for_scrapes(3, timeout=60, proc=proc)
+        at = time.time() - 1
+        figures = model.unit_figures(prometheus, at, prom.JOB, instance)[(unit, None)]
+        table = {q.ref_id: q for q in queries.dashboard_queries(values)
+                 if q.panel.startswith("Per unit: systemctl's number")}
+        row = {}
+        for ref, q in table.items():
+            series = [s for s in prometheus.query(q.expr, at=at) if s["metric"]["unit"] == unit]
+            assert len(series) == 1, (ref, series)
+            row[ref] = float(series[0]["value"][1])
+            assert model.compare(row[ref], model.WHY_COLUMNS[ref](figures)), (ref, row[ref], figures)
+        print(f"why view, {unit}: systemctl {row['A'] / MiB:.1f} MiB, top {row['B'] / MiB:.1f} MiB, "
+              f"unmapped page cache {row['D'] / MiB:.1f} MiB")
+        assert row["D"] >= 0.9 * VOLUME_MIB * MiB, "the gap is the volume's page cache"
+        assert row["D"] > 0.6 * row["C"], "page cache is most of the gap (systemctl - top)"
+        verdict = next(q for q in queries.dashboard_queries(values) if q.panel == "Verdict")
+        assert model.single_value(prometheus.query(verdict.expr, at=at)) == 1  # "Mostly unmapped page cache"
 
 
 # --------------------------------------------------------------------------- the VM's scope
