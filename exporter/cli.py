@@ -14,6 +14,7 @@ import threading
 import urllib.parse
 
 from . import __version__
+from .render import DEFAULT_FIELDS, SeriesBudget
 from .sampler import SamplerConfig
 from .systemd import CGROUP_UNIT_TYPES, DEFAULT_DBUS_TIMEOUT, DEFAULT_PRIVATE_SOCKET, UnitFilter
 
@@ -62,6 +63,20 @@ def _regex(text: str) -> str:
     except re.error as e:
         raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {e}") from None
     return text
+
+
+def _fields(field: str):
+    """A --collector.<field>.fields regex: it must compile and name at least one known field,
+    so a typo does not silently drop series; '' exports none."""
+    names = SeriesBudget.FIELDS[field]
+
+    def parse(text: str) -> str:
+        pattern = re.compile(_regex(text))
+        if text and not any(pattern.fullmatch(name) for name in names):
+            raise argparse.ArgumentTypeError(f"{text!r} matches none of {','.join(names)} (use '' for none)")
+        return text
+
+    return parse
 
 
 def _types(text: str) -> list[str]:
@@ -160,6 +175,19 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--collector.pss.max-rss", dest="pss_max_rss", type=_size, default=DEFAULTS.pss_max_rss, metavar="BYTES",
         help=f"do not read smaps_rollup of processes with a larger RSS, e.g. 4GiB (default {DEFAULTS.pss_max_rss >> 30}GiB)",
     )
+    # The series budget (render.SeriesBudget; README "Running it on a fleet" has each cost).
+    for field, what in (("stat", "memory.stat items"), ("events", "memory events"), ("limits", "memory limits"),
+                        ("pressure", "memory pressure kinds")):
+        serve.add_argument(
+            f"--collector.{field}.fields", dest=f"{field}_fields", type=_fields(field), default=DEFAULT_FIELDS[field],
+            metavar="REGEX",
+            help=f"{what} to export, a regex matching whole names among {','.join(SeriesBudget.FIELDS[field])} "
+            "(default %(default)s; .+ for all)",
+        )
+    serve.add_argument(
+        "--collector.peak", dest="peak", action=argparse.BooleanOptionalAction, default=False,
+        help="export systemd_unit_memory_peak_bytes (v1 memory.max_usage_in_bytes, v2 memory.peak; default off)",
+    )
     _add_common(serve)
 
     explain = argparse.ArgumentParser(
@@ -255,7 +283,13 @@ def _return_big_buffers_to_the_kernel() -> None:
         pass
 
 
-def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def series_budget(args: argparse.Namespace) -> SeriesBudget:
+    return SeriesBudget.of(args.stat_fields, args.events_fields, args.limits_fields, args.pressure_fields, args.peak)
+
+
+def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser, discovery=None) -> int:
+    """``discovery``: tests only (tests/fleet_exporter.py), units from elsewhere than D-Bus; an
+    object with DiscoveryProcess's request/interrupt/stop."""
     from .discovery_process import DiscoveryProcess
     from .service import SampleLoop
     from .web import parse_listen_address, serve
@@ -276,10 +310,11 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         except WebConfigError as e:
             print(f"systemd-memory-exporter: --web.config.file: {e}", file=sys.stderr)
             return 1
-    discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout,
-                                 _user_units_root(args))
+    if discovery is None:
+        discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout,
+                                     _user_units_root(args))
     config = SamplerConfig(args.procfs, args.cgroupfs, args.interval, args.pss, args.pss_budget, args.pss_max_rss)
-    loop = SampleLoop(config, discovery, args.dbus_timeout)
+    loop = SampleLoop(config, discovery, args.dbus_timeout, series_budget(args))
     server = None
 
     def reload(_signum, _frame):  # systemctl reload (the unit's ExecReload)

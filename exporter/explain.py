@@ -6,10 +6,12 @@ and /unit/<name> (exporter/page.py) draw the same records.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 
 from .records import record
 from .snapshot import Breakdown, Snapshot, UnitSample
+from .systemd import unit_key
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -142,12 +144,20 @@ def reconcile(sample: UnitSample) -> Reconciliation:
     )
 
 
-def explain_unit(sample: UnitSample) -> str:
-    return explain_text(reconcile(sample))
+def no_memory_cgroup(r: Reconciliation) -> str:
+    """Why a unit has top's view only, for explain and the unit page. The reconciliation does
+    not know the hierarchy, so the sentence holds on cgroup v1 and v2 alike."""
+    if r.uid is not None:
+        return ("No memory cgroup: this user manager was given no memory controller (cgroup v1 never"
+                " delegates it; on v2 user@.service lacks Delegate=memory), so systemctl --user shows"
+                " MemoryCurrent [not set] and only top's view exists.")
+    return ("No memory cgroup: memory accounting is off for this unit (MemoryAccounting=no, or on"
+            " cgroup v2 no memory controller enabled above it), so systemd reports no figure and only"
+            " top's view exists.")
 
 
 def explain_text(r: Reconciliation) -> str:
-    name = r.unit if r.uid is None else f"{r.unit} (uid {r.uid})"  # as Unit.key spells it
+    name = unit_key(r.unit, r.uid)
     state = f"{r.active_state}/{r.sub_state}" if r.sub_state else r.active_state
     lines = [
         f"{name}  ({state}, {r.processes} process{'es' if r.processes != 1 else ''}, cgroup {r.control_group})"
@@ -164,13 +174,8 @@ def explain_text(r: Reconciliation) -> str:
             f"= anon {human_bytes(r.rss_anon)} + file {human_bytes(r.rss_file)} + shmem {human_bytes(r.rss_shmem)}",
         )
     )
-    if not r.has_memory_cgroup and r.uid is not None:
-        lines.append("  No memory cgroup: on cgroup v1 systemd gives user managers no memory controller,")
-        lines.append("  so systemctl --user shows MemoryCurrent [not set] and only top's view exists.")
-        return "\n".join(lines)
     if not r.has_memory_cgroup:
-        lines.append("  No memory cgroup: memory accounting is off for this unit (MemoryAccounting=no on cgroup v1),")
-        lines.append("  so systemd reports no figure and only top's view exists.")
+        lines.append(textwrap.fill(no_memory_cgroup(r), 100, initial_indent="  ", subsequent_indent="  "))
         return "\n".join(lines)
     lines.append("  What the cgroup figure is made of:")
     for part in r.parts:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, unquote
 
 from . import __version__
-from .explain import Reconciliation, human_bytes, layout_summary, percent, reconcile
+from .explain import Reconciliation, human_bytes, layout_summary, no_memory_cgroup, percent, reconcile
 
 if TYPE_CHECKING:  # service.py imports no page code; this is for the annotations only
     from .service import Published
@@ -330,12 +330,14 @@ def _table(rows: list[tuple[str, ...]], head: tuple[str, ...] = ()) -> str:
     return "<table>" + thead + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table>"
 
 
-def grafana_links(grafana_url: str, unit: str) -> list[tuple[str, str]]:
+def grafana_links(grafana_url: str, unit: str, uid: int | None = None) -> list[tuple[str, str]]:
     """Links into the shipped dashboards (grafana/dashboards: uid systemd-memory-unit and
-    systemd-memory-why, both with a `unit` variable)."""
+    systemd-memory-why, both with `unit` and `uid` variables). A user's unit selects its user
+    too. Not the host: Prometheus's instance label is set by the scrape config, which the
+    exporter cannot see, so the dashboard keeps its own instance selection."""
     if not grafana_url:
         return []
-    var = "var-unit=" + quote(unit, safe="")
+    var = "var-unit=" + quote(unit, safe="") + ("" if uid is None else f"&var-uid={uid}")
     return [
         ("unit memory over time", f"{grafana_url}/d/systemd-memory-unit?{var}"),
         ("why systemctl disagrees with top", f"{grafana_url}/d/systemd-memory-why?{var}"),
@@ -374,16 +376,8 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
             if p.bytes is not None
         ]
         parts_html = "<h2>What systemctl's figure is made of</h2>" + _table(rows, ("part", "bytes", "share", "why"))
-    elif r.uid is not None:
-        parts_html = (
-            "<p>No memory cgroup: on cgroup v1 systemd gives user managers no memory controller, "
-            "so systemctl --user shows MemoryCurrent [not set] and only top's view exists.</p>"
-        )
     else:
-        parts_html = (
-            "<p>No memory cgroup: memory accounting is off for this unit (MemoryAccounting=no on cgroup v1), "
-            "so systemd reports no figure and only top's view exists.</p>"
-        )
+        parts_html = f"<p>{e(no_memory_cgroup(r))}</p>"
     extra = []
     if r.swap is not None:
         extra.append(("swap (outside usage)", human_bytes(r.swap), "", ""))
@@ -428,7 +422,7 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
             else "<p>No pressure figures: PSI (memory.pressure) exists on cgroup v2 only.</p>"
         )
     )
-    links = grafana_links(grafana_url, r.unit)
+    links = grafana_links(grafana_url, r.unit, r.uid)
     if links:
         sections.append(
             '<h2>Grafana</h2><ul class="grafana">'
@@ -478,7 +472,7 @@ class Pages:
             return (200, packed, True) if gzip_ok else (200, gzip.decompress(packed), False)
         name = unquote(path[len(UNIT_PREFIX):])
         uid_text = parse_qs(query).get("uid", [""])[-1]
-        if uid_text and not uid_text.isdigit():
+        if uid_text and not (uid_text.isascii() and uid_text.isdigit()):  # "²".isdigit() too, int() refuses it
             return 400, _not_found(f"uid must be a number, not {uid_text!r}.").encode(), False
         uid = int(uid_text) if uid_text else None
         if published is None:

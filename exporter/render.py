@@ -13,11 +13,13 @@ stops appearing: nothing outlives the snapshot it came from.
 from __future__ import annotations
 
 import platform
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .memory import STAT_ITEMS
+from .memory import LIMITS, STAT_ITEMS, V2_EVENTS
+from .records import record
 from .snapshot import SOURCES, Snapshot
 
 if TYPE_CHECKING:
@@ -34,6 +36,58 @@ UNIT_PEAK = "systemd_unit_memory_peak_bytes"
 UNIT_PROCESSES = "systemd_unit_processes"
 UNIT_INFO = "systemd_unit_info"
 SELF = "systemd_memory_exporter_"
+
+
+PRESSURE_KINDS = ("some", "full")
+
+
+@record
+class SeriesBudget:
+    """Which of the optional per-unit series /metrics carries (node_exporter's style:
+    --collector.<what>.fields takes a regex of field names, --collector.peak turns one on).
+
+    The default keeps a unit at 20 series or fewer on cgroup v1 and 24 or fewer on v2, limits
+    included (README, "Running it on a fleet", has the cost of each): always the five memory
+    types and rss_shmem, working set, processes and info; the memory.stat items, events, limits
+    and pressure kinds the shipped alerts and the dashboards' main panels read. The rest is
+    opt-in. The exporter still reads every file once per cycle: `explain`, the landing page and
+    working_set use all of them; only the exposition is trimmed.
+    """
+
+    stat_items: frozenset[str]
+    events: frozenset[str]
+    limits: frozenset[str]
+    pressure: frozenset[str]
+    peak: bool
+
+    # What each field regex may name, for `SeriesBudget.of` and the flags' messages.
+    FIELDS = {"stat": STAT_ITEMS, "events": V2_EVENTS, "limits": LIMITS, "pressure": PRESSURE_KINDS}
+
+    @classmethod
+    def of(cls, stat: str, events: str, limits: str, pressure: str, peak: bool) -> "SeriesBudget":
+        """From field regexes, each matched against the whole name (as --unit.include is)."""
+        def chosen(field: str, regex: str) -> frozenset[str]:
+            pattern = re.compile(regex)
+            return frozenset(name for name in cls.FIELDS[field] if pattern.fullmatch(name))
+
+        return cls(chosen("stat", stat), chosen("events", events), chosen("limits", limits),
+                   chosen("pressure", pressure), peak)
+
+
+# The default fields, as the flags take them. stat: what the alerts, the recording rules and the
+# dashboards' main panels read (anon, the file/shmem/mapped/dirty/writeback split of the cache,
+# kernel); the LRU lists, swapcached and v2's kernel parts are detail. events: the limit and OOM
+# events; low (protection breached) and oom_group_kill are rare detail. limits: the two ceilings
+# (MemoryMax, MemoryHigh) that rules divide by. pressure: full, the stall that costs throughput
+# and the one systemd-oomd acts on. peak: a lifetime high-water mark including cache.
+DEFAULT_FIELDS = {
+    "stat": "anon|file|shmem|file_mapped|file_dirty|file_writeback|kernel",
+    "events": "max|high|oom|oom_kill",
+    "limits": "max|high",
+    "pressure": "full",
+}
+DEFAULT_BUDGET = SeriesBudget.of(**DEFAULT_FIELDS, peak=False)
+EVERY_SERIES = SeriesBudget.of(".+", ".+", ".+", ".+", peak=True)
 
 
 def label_value(value: str) -> str:
@@ -63,7 +117,7 @@ def _sampled(snapshot: Snapshot) -> str:
     return f" Sampled every {snapshot.interval:g}s (0: on each scrape); no timestamps."
 
 
-def unit_families(snapshot: Snapshot) -> list[Family]:
+def unit_families(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET) -> list[Family]:
     sampled = _sampled(snapshot)
     memory = Family(
         UNIT_MEMORY, "gauge",
@@ -109,6 +163,7 @@ def unit_families(snapshot: Snapshot) -> list[Family]:
         "Units of a user manager (user@UID.service) carry uid and an empty sub_state: they are found in "
         "its cgroup tree." + sampled,
     )
+    stat_items = [item for item in STAT_ITEMS if item in budget.stat_items]
     for sample in snapshot.units:
         u = sample.unit
         # uid only on a user manager's units; it sorts between sub_state/type and unit.
@@ -130,20 +185,23 @@ def unit_families(snapshot: Snapshot) -> list[Family]:
                 memory.add(f'type="{kind}",{unit}', value)
         if m is None:
             continue
-        for item in STAT_ITEMS:
+        for item in stat_items:
             if item in m.stat:
                 stat.add(f'item="{item}",{unit}', m.stat[item])
         if m.working_set is not None:
             working_set.add(unit, m.working_set)
         for kind, value in m.limits.items():
-            limit.add(f'limit="{kind}",{unit}', value)
+            if kind in budget.limits:
+                limit.add(f'limit="{kind}",{unit}', value)
         for kind, value in m.events.items():
-            events.add(f'event="{kind}",{unit}', value)
+            if kind in budget.events:
+                events.add(f'event="{kind}",{unit}', value)
         if m.pressure is not None:
-            pressure.add(f'kind="some",{unit}', m.pressure.some_total_us / 1e6)
-            if m.pressure.full_total_us is not None:
+            if "some" in budget.pressure:
+                pressure.add(f'kind="some",{unit}', m.pressure.some_total_us / 1e6)
+            if m.pressure.full_total_us is not None and "full" in budget.pressure:
                 pressure.add(f'kind="full",{unit}', m.pressure.full_total_us / 1e6)
-        if m.peak is not None:
+        if m.peak is not None and budget.peak:
             peak.add(unit, m.peak)
     return [memory, stat, working_set, limit, events, pressure, peak, processes, info]
 
@@ -237,8 +295,8 @@ def _text(families: list[Family]) -> bytes:
     return "".join(line for family in families for line in family.lines).encode()
 
 
-def render(snapshot: Snapshot) -> bytes:
-    return _text(unit_families(snapshot) + health_families(snapshot))
+def render(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET) -> bytes:
+    return _text(unit_families(snapshot, budget) + health_families(snapshot))
 
 
 def _client_family(metric: Metric) -> Family:

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .render import render
+from .render import DEFAULT_BUDGET, SeriesBudget, render
 from .discovery_process import DiscoveryProcess
 from .sampler import Sampler, SamplerConfig
 from .snapshot import Snapshot
@@ -34,9 +34,9 @@ class Published:
         return gzip.decompress(self.body_gzip)
 
 
-def publish(snapshot: Snapshot) -> Published:
+def publish(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET) -> Published:
     started = time.perf_counter()
-    body = render(snapshot)
+    body = render(snapshot, budget)
     # Compressed here, once per snapshot, rather than per scrape; level 5 is near gzip's
     # default ratio for metric text at about half its CPU.
     body_gzip = gzip.compress(body, compresslevel=5, mtime=0)
@@ -46,8 +46,10 @@ def publish(snapshot: Snapshot) -> Published:
 class SampleLoop:
     """Owns the sampler thread, which owns the discovery child; hands out the latest Published."""
 
-    def __init__(self, config: SamplerConfig, discovery: DiscoveryProcess, dbus_timeout: float):
+    def __init__(self, config: SamplerConfig, discovery: DiscoveryProcess, dbus_timeout: float,
+                 budget: SeriesBudget = DEFAULT_BUDGET):
         self.config = config
+        self.budget = budget
         self.dbus_timeout = dbus_timeout
         self._discovery = discovery
         self._sampler = Sampler(config, lambda: discovery.request(wait=dbus_timeout + 1))
@@ -95,6 +97,11 @@ class SampleLoop:
             self._changed.wait_for(lambda: self._generation >= target, timeout=wait)
             return self._latest
 
+    def last(self) -> Published | None:
+        """The latest snapshot as it is, never starting a cycle: what pages show (with interval
+        0, what the last scrape saw; latest() would sample for a view nobody scrapes)."""
+        return self._latest
+
     def _run(self) -> None:
         try:
             self._sample_until_stopped()
@@ -109,7 +116,7 @@ class SampleLoop:
                 self._sampling = True
             published = None
             try:
-                published = publish(self._sampler.sample())
+                published = publish(self._sampler.sample(), self.budget)
             except Exception:  # a bug must not end sampling: log it and keep the last snapshot
                 log.exception("sample cycle failed; serving the previous snapshot")
             with self._changed:

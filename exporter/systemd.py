@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .kernelfiles import VANISHED, describe, failure_reason
+from .kernelfiles import PARSE, VANISHED, describe, failure_reason
 from .records import record
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,14 @@ class Unit:
     @property
     def key(self) -> str:
         """Unique among the units of one sample: the name, and for a user's unit its user too
-        ("dbus.service (uid 1500)"; unit names have no spaces). Also how explain names it."""
-        return self.name if self.uid is None else f"{self.name} (uid {self.uid})"
+        ("dbus.service (uid 1500)"; a valid unit name has no spaces, and user units are
+        checked against UNIT_NAME). Also how explain names it."""
+        return unit_key(self.name, self.uid)
+
+
+def unit_key(name: str, uid: int | None) -> str:
+    """Unit.key for a unit known by name and uid only (explain's reconciliations)."""
+    return name if uid is None else f"{name} (uid {uid})"
 
 
 # --------------------------------------------------------------------------- user units
@@ -76,6 +82,13 @@ class Unit:
 # delegated (the user's units exist in name=systemd and unified only, MemoryCurrent [not set]),
 # so they get RSS figures and no cgroup figures, exactly as systemctl --user shows them.
 USER_MANAGER = re.compile(r"user@([0-9]+)\.service")
+# The subtree below user@UID.service is delegated: the user can mkdir any name there. Only
+# names systemd could have given a unit become units (unit_name_is_valid() in systemd's
+# src/basic/unit-name.c: at most 255 of these characters, a known suffix), and at most
+# MAX_USER_UNITS per user manager, so one user cannot break rendering (a non-UTF-8 name),
+# mix two units' figures (the same name in two slices) or flood the series.
+UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,255}")
+MAX_USER_UNITS = 1000
 
 
 def user_manager_uid(unit_name: str) -> int | None:
@@ -90,7 +103,7 @@ def unit_name_of_cgroup(directory_name: str) -> str:
 
 
 def user_units_in_tree(manager_cgroup: str, uid: int, subdirectories: Callable[[str], Iterable[str]],
-                       unit_filter: "UnitFilter") -> list[Unit]:
+                       unit_filter: "UnitFilter", rejects: list[tuple[str, str, str]] | None = None) -> list[Unit]:
     """The units of the user manager whose cgroup is ``manager_cgroup``, from the tree below it.
 
     ``subdirectories(cgroup)`` lists the child cgroup names of a cgroup path (the thin reader;
@@ -98,16 +111,35 @@ def user_units_in_tree(manager_cgroup: str, uid: int, subdirectories: Callable[[
     service or scope is that unit's own business (a delegated subtree such as rootless
     podman's, or the manager's own init.scope), never other units. A directory whose name has
     no unit suffix of a cgroup-owning type is not a unit and is skipped with its subtree.
+    A directory with such a suffix that is no valid unit name, a second one of a name already
+    found, and those beyond MAX_USER_UNITS are skipped and appended to ``rejects`` as
+    (PARSE, path, message), which the sampler counts as errors_total{source="cgroup"}.
     """
     units = []
+    names = set()  # every name found, filtered out or not: the first directory keeps it
     pending = [manager_cgroup]
     while pending:
-        parent = pending.pop()
+        parent = pending.pop(0)  # breadth-first, sorted: which of two same-named cgroups is first is stable
         for child in sorted(subdirectories(parent)):
             name = unit_name_of_cgroup(child)
             unit_type = name.rpartition(".")[2]
             if "." not in name or unit_type not in CGROUP_UNIT_TYPES:
                 continue
+            problem = ""
+            if not UNIT_NAME.fullmatch(name):
+                problem = f"not a valid unit name: {ascii(name[:80])}"
+            elif name in names:
+                problem = f"a second cgroup of unit {name!r}, skipped"
+            elif len(names) >= MAX_USER_UNITS:
+                problem = f"more than {MAX_USER_UNITS} units below {manager_cgroup!r}: the rest are skipped"
+            if problem:
+                if rejects is not None:
+                    # the parent as the place: ErrorLog logs once per kind and file name
+                    rejects.append((PARSE, parent, problem))
+                if len(names) >= MAX_USER_UNITS:
+                    return units
+                continue
+            names.add(name)
             cgroup = f"{parent}/{child}"
             if unit_type == "slice":
                 pending.append(cgroup)
@@ -299,7 +331,7 @@ class Discovery:
             if managers:
                 subdirectories = cgroup_subdirectories(self.user_units_root, self.tree_failures)
                 for uid, cgroup in managers:
-                    units.extend(user_units_in_tree(cgroup, uid, subdirectories, self.unit_filter))
+                    units.extend(user_units_in_tree(cgroup, uid, subdirectories, self.unit_filter, self.tree_failures))
             return tuple(units)
         except DiscoveryError:
             raise

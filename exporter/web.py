@@ -137,7 +137,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _page(self, target: str) -> None:
         gzip_ok = gzip_accepted(self.headers.get("Accept-Encoding", ""))
-        status, body, gzipped = self.server.pages.respond(target, self.server.loop.latest(), gzip_ok)
+        status, body, gzipped = self.server.pages.respond(target, self.server.loop.last(), gzip_ok)
         self._send(status, body, PAGE_CONTENT_TYPE, gzipped)
 
     def _send(self, status: int, body: bytes, content_type: str, gzipped: bool = False) -> None:
@@ -203,7 +203,7 @@ def serve(
 def parse_listen_address(listen: str) -> tuple[str, int]:
     """node_exporter's form: "host:port", "[v6]:port" or ":port" (all interfaces)."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # "²".isdigit() too
         raise ValueError(f"invalid listen address {listen!r}: want host:port, [ipv6]:port or :port")
     host = host.strip("[]")
     return host or "0.0.0.0", int(port)

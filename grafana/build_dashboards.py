@@ -25,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from builder import overview, unit, why  # noqa: E402
+from builder import fleet, overview, unit, why  # noqa: E402
 from builder.promql import Queries, Selectors  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "dashboards"
-MODULES = [overview, unit, why]  # a new dashboard: a module in builder/ with FILE and build(q), listed here
+MODULES = [overview, unit, why, fleet]  # a new dashboard: a module in builder/ with FILE and build(q), listed here
 DASHBOARDS = {module.FILE: module.build for module in MODULES}
 
 

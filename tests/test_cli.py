@@ -147,6 +147,19 @@ def test_interval_zero_samples_on_each_scrape(server):
     assert counts[1] == counts[0] + 1 and counts[2] == counts[1] + 1
 
 
+@pytest.mark.parametrize("server", [["--sample.interval=0"]], indirect=True)
+def test_interval_zero_page_views_start_no_cycle(server):
+    """Pages show the latest snapshot; only scrapes ask for a fresh one."""
+    def samples():
+        return Scrape.parse(get(server + "/metrics").read().decode()).value("systemd_memory_exporter_samples_total")
+
+    before = samples()
+    for _ in range(5):
+        assert "dbus DOWN" in get(server + "/").read().decode()
+        time.sleep(0.05)  # a cycle a view would have started ends meanwhile (no systemd: quick)
+    assert samples() == before + 1
+
+
 def test_unit_filter_is_anchored_and_typed():
     f = UnitFilter.build(include=r"foo.*", exclude=r".*\.socket", types=["service", "socket", "slice"])
     assert f.wants("foo.service")

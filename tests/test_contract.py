@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.render import render
+from exporter.render import EVERY_SERIES, render
 from tests.test_sampler import FIXTURES, sample_tree
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -35,7 +35,7 @@ def rendered() -> dict[str, set[str]]:
         first = with_pss.units[0]
         user_unit = dataclasses.replace(first, unit=dataclasses.replace(first.unit, uid=1500))
         with_pss = dataclasses.replace(with_pss, units=with_pss.units + (user_unit,))
-        for family in text_string_to_metric_families(render(with_pss).decode()):
+        for family in text_string_to_metric_families(render(with_pss, EVERY_SERIES).decode()):
             name = family.name + ("_total" if family.type == "counter" else "")
             labels = families.setdefault(name, set())
             for sample in family.samples:

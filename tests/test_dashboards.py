@@ -41,7 +41,10 @@ from rules.fixtures import contract, need_promtool  # noqa: E402,F401 - pytest f
 
 REPO = queries.REPO_ROOT
 GRAFANA = REPO / "grafana"
-DASHBOARDS = queries.load_dashboards()
+# The host dashboards; the fleet dashboard (reads the fleet rules, no host or unit variable) is
+# checked by tests/test_fleet.py.
+FLEET = "systemd-memory-fleet"
+DASHBOARDS = {path: d for path, d in queries.load_dashboards().items() if d["uid"] != FLEET}
 DS_REF = {"type": "prometheus", "uid": "${datasource}"}
 PANELS_WITHOUT_QUERIES = {"row", "text"}
 
@@ -278,7 +281,7 @@ def test_builder_parameters_job_selector_and_cluster(tmp_path):
     result = subprocess.run([sys.executable, str(GRAFANA / "build_dashboards.py"), "--job-selector", 'job="sme"',
                              "--cluster-label", "k8s_cluster", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    built = queries.load_dashboards(tmp_path)
+    built = {path: d for path, d in queries.load_dashboards(tmp_path).items() if d["uid"] != FLEET}
     assert len(built) == len(DASHBOARDS)
     for d in built.values():
         assert list(variables(d))[:3] == ["datasource", "cluster", "instance"]
@@ -290,7 +293,7 @@ def test_builder_parameters_job_selector_and_cluster(tmp_path):
 
 
 # --- queries -------------------------------------------------------------------------------------
-ALL_QUERIES = queries.dashboard_queries()
+ALL_QUERIES = [q for q in queries.dashboard_queries() if q.uid != FLEET]
 
 
 def test_queries_are_found_and_fully_substituted():
@@ -391,7 +394,7 @@ def test_every_dashboard_query_returns_data_on_a_synthetic_host(need_promtool, t
     values = {"instance": "h1:10073", "job": "systemd-memory-exporter", "unit": unit_value, "__rate_interval": "1m",
               "__range": "10m",  # the series span 20 minutes
               "unit_name": "foo\\x2dbar.service" if unit_value != ".+" else "machine-qemu\\x2d1\\x2dvm1.scope"}
-    selected = queries.dashboard_queries(values)
+    selected = [q for q in queries.dashboard_queries(values) if q.uid != FLEET]
     rules = {"groups": [{"name": "dashboard-queries", "rules": [
         {"alert": f"Q{i}", "expr": f"count(\n{q.expr}\n)"} for i, q in enumerate(selected)
     ]}]}
@@ -563,3 +566,32 @@ def test_host_totals_have_the_right_values(need_promtool, tmp_path, layout):
     (tmp_path / "host.test.yml").write_text(yaml.safe_dump(test, allow_unicode=True), encoding="utf-8")
     result = promtool.run("test", "rules", tmp_path / "host.test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@params()
+def test_unit_variable_lists_every_kind_of_unit(path):
+    """VM and container scopes (machine-*.scope, libpod-*.scope, docker-*.scope) are selected like
+    services: the unit variable filters on no unit type or name; the synthetic host above has them."""
+    selector, label = queries.variable_expr(variables(DASHBOARDS[path])["unit"])
+    assert label == "unit" and "unit_type" not in selector and "unit=" not in selector
+    assert {"machine-qemu\\x2d1\\x2dvm1.scope", "libpod-0123abcd.scope"} <= {unit for unit, _ in HOST_UNITS}
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_the_value_model_agrees_with_the_pinned_host_totals(layout):
+    """tests/rules/dashboard_values.py, which the real-Prometheus tests compare the panels with,
+    gives the hand-computed totals on the same v1- and v2-shaped hosts."""
+    from rules import dashboard_values as model
+
+    cgroups = dict(HOST_TOTAL_CGROUPS)
+    cgroups[("-.slice", None)] = ("slice", "/", V1_ROOT if layout == "v1" else (999,) * 12)
+    units = {}
+    for key, (kind, cgroup, figures) in cgroups.items():
+        names = [name if name in FIGURES[:5] else f"stat:{name}" for name in FIGURES]
+        units[key] = {**{n: float(v) for n, v in zip(names, figures)}, "control_group": cgroup, "unit_type": kind}
+    host = model.host_figures(units, layout)
+    keys = {"systemctl's number": "systemctl", "top's number": "top", "Gap": "gap", "Page cache": "file",
+            "Reclaimable cache": "reclaimable", "tmpfs / shm": "shmem", "Kernel": "kernel", "Swap": "swap"}
+    for (panel, legend), compute in model.HOST_PANELS.items():
+        key = keys.get(panel) if not legend else HOST_PANELS[(panel, legend)]
+        assert compute(host) == HOST_TOTALS[layout][key] * 1.0, (panel, legend)

@@ -118,6 +118,8 @@ def test_package_depends_on_debian_python_modules_and_ships_the_layout(deb):
     # The packaged unit is the tested one (tests/test_deploy_unit.py), with only the program path changed.
     assert unit == shipped.replace("ExecStart=/opt/systemd-memory-exporter/bin/", "ExecStart=/usr/bin/")
     assert "ExecStart=/usr/bin/systemd-memory-exporter $ARGS" in unit and "ExecReload=" in unit
+    # One sysusers file: debian/'s is a link to deploy/systemd/'s (the .rpm ships that one too).
+    assert os.readlink(ROOT / "debian" / f"{PACKAGE}.sysusers") == f"../deploy/systemd/{PACKAGE}.sysusers"
     assert files[f"/usr/lib/sysusers.d/{PACKAGE}.conf"] == (ROOT / "deploy/systemd" / f"{PACKAGE}.sysusers").read_bytes()
     default = files[f"/etc/default/{PACKAGE}"].decode()
     args = subprocess.run(["sh", "-c", 'eval "$1" && printf "%s\\n" $ARGS', "sh", default],

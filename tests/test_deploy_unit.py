@@ -90,6 +90,16 @@ def test_proc_stays_fully_visible():
     assert d["CapabilityBoundingSet"] == [""] and d["AmbientCapabilities"] == [""]
 
 
+def test_tasks_max_leaves_room_for_every_connection_thread():
+    """TasksMax counts threads: web.py gives up to max_connections of them to clients, beside
+    the exporter's own (main, sampler, web-config reload, shutdown, the discovery child)."""
+    from exporter.web import ExporterServer
+
+    own_tasks = 8  # those five, with room to spare
+    tasks_max = int(_directives((DEPLOY / UNIT).read_text())["TasksMax"][-1])
+    assert tasks_max >= ExporterServer.max_connections + own_tasks
+
+
 def test_default_file_holds_valid_flags():
     default = DEPLOY / "systemd-memory-exporter.default"
     # The shell reads it as systemd does here: one assignment, split on spaces by $ARGS.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.explain import explain, explain_unit, human_bytes, verdict
+from exporter.explain import explain, explain_text, human_bytes, no_memory_cgroup, reconcile, verdict
 from exporter.procfs import ProcessTotals
 from exporter.snapshot import Breakdown, UnitSample
 from exporter.systemd import Unit
@@ -63,8 +63,24 @@ def test_page_cache_wins_over_shmem_when_both_are_large():
 
 def test_a_unit_without_a_memory_cgroup_is_explained_by_top_alone():
     unit = Unit("legacy.service", "service", "active", "running", "/system.slice/legacy.service")
-    text = explain_unit(UnitSample(unit, ProcessTotals(2, 3 * MiB, 1 * MiB, 0, 0), None))
+    text = explain_text(reconcile(UnitSample(unit, ProcessTotals(2, 3 * MiB, 1 * MiB, 0, 0), None)))
     assert "No memory cgroup" in text and "4.0 MiB" in text and "Verdict" not in text
+
+
+def test_no_memory_cgroup_is_worded_for_v1_and_v2_in_explain_and_on_the_page():
+    """One sentence for both renderings; a v2 user unit without delegated memory is not "on v1"."""
+    import html
+
+    from exporter.page import unit_page
+
+    for uid, cause in ((None, "MemoryAccounting=no"), (1500, "Delegate=memory")):
+        unit = Unit("x.service", "service", "active", "", "/user.slice/user-1500.slice/user@1500.service/app.slice/x.service", uid)
+        r = reconcile(UnitSample(unit, ProcessTotals(1, 3 * MiB, 1 * MiB, 0, 0), None))
+        why = no_memory_cgroup(r)
+        assert cause in why and "v2" in why and ("on cgroup v1" not in why)
+        assert " ".join(line.strip() for line in explain_text(r).splitlines()[1:] if not line.startswith("  top says")
+                        and not line.startswith("  systemctl says")) == why
+        assert f"<p>{html.escape(why)}</p>" in unit_page(r)
 
 
 def test_report_on_a_fixture_tree_names_the_layout_and_the_largest_units():

@@ -231,6 +231,19 @@ def test_unit_page_shows_limits_events_pressure_and_grafana_links():
     assert "http://grafana.example:3000/d/systemd-memory-why?var-unit=smx-limited-9.service" in links
 
 
+def test_grafana_links_of_a_user_unit_select_its_user():
+    snapshot = sample_tree(FIXTURES / "v2")
+    system = snapshot.unit("dbus.service")
+    user = dataclasses.replace(system, unit=dataclasses.replace(system.unit, uid=1500))
+    snapshot = dataclasses.replace(snapshot, units=snapshot.units + (user,))
+    pages = Pages("/metrics", "http://grafana.example:3000/")
+    links = [e["attrs"]["href"] for e in Dom(pages.respond("/unit/dbus.service?uid=1500", published(snapshot))[1].decode()).find("a")]
+    assert "http://grafana.example:3000/d/systemd-memory-unit?var-unit=dbus.service&var-uid=1500" in links
+    assert "http://grafana.example:3000/d/systemd-memory-why?var-unit=dbus.service&var-uid=1500" in links
+    links = [e["attrs"]["href"] for e in Dom(pages.respond("/unit/dbus.service", published(snapshot))[1].decode()).find("a")]
+    assert "http://grafana.example:3000/d/systemd-memory-unit?var-unit=dbus.service" in links
+
+
 def test_unit_page_of_an_escaped_name_and_without_grafana():
     snapshot = sample_tree(FIXTURES / "v2")
     name = "smx\\x2descaped\\x2ddemo\\x2d6.service"
@@ -335,9 +348,10 @@ def test_a_user_unit_named_like_a_system_unit_has_its_own_row_and_page():
     _, user_page, _ = pages.respond("/unit/dbus.service?uid=1000", published(snapshot))
     assert "slice system.slice" in system_page.decode() and "system manager" in system_page.decode()
     text = user_page.decode()
-    assert "slice session.slice" in text and ("uid 1000" in text or "(1000)" in text)  # name if /etc/passwd has one
+    assert "slice session.slice" in text and "uid 1000" in text  # the UID, never a name: /etc/passwd may not be the host's
     assert pages.respond("/unit/dbus.service?uid=1001", published(snapshot))[0] == 404
     assert pages.respond("/unit/dbus.service?uid=x", published(snapshot))[0] == 400
+    assert pages.respond("/unit/dbus.service?uid=%C2%B2", published(snapshot))[0] == 400  # "²".isdigit() is True
 
 
 def test_names_are_escaped_in_markup_and_links():

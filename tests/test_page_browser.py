@@ -36,6 +36,7 @@ README_PICTURE = Path(__file__).parent / "screenshots" / "page.png"
 INTERVAL = 2.0
 WIDTH = 1280
 GRAFANA = "http://grafana.invalid:3000"
+USER, UID = "u", 1500
 # Chromium as the brief says it must run here: as root, nothing fetched from the network.
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -174,7 +175,7 @@ ROWS_JS = """
   const mark = row.querySelector('.mark').getBoundingClientRect();
   const link = row.querySelector('a.name'), box = row.getBoundingClientRect();
   return {
-    unit: row.dataset.unit, name: link.textContent, href: link.href,
+    unit: row.dataset.unit, uid: row.dataset.uid, name: link.textContent, href: link.href,
     scale: +track.dataset.scale, track: t.width,
     segments: [...row.querySelectorAll('rect.seg')].map(s => {
       const r = s.getBoundingClientRect();
@@ -236,6 +237,18 @@ def units(testhost, exporter):
     exporter.next_sample()
     yield started
     workloads.stop_units(testhost, started.values())
+
+
+@pytest.fixture(scope="module")
+def user_unit(testhost, exporter, units):
+    """A real user manager (user@1500.service, as tests/test_user_units.py starts it) with one
+    unit of its own; after the page fixture's load, so the other tests see the system's only."""
+    workloads.user_manager(testhost, USER, UID)
+    unit = workloads.user_payload(testhost, USER, "th-user-app.service", "anon", 40)
+    exporter.next_sample()
+    yield unit
+    workloads.stop_user_units(testhost, USER, [unit])
+    testhost.systemctl("stop", f"user@{UID}.service", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +354,10 @@ def test_sort_by_top_and_gap_with_a_click(page, browser):
         browser.click("label[for=sort-systemctl]")
 
 
-def test_filters_by_slice_and_type_with_a_click(page, browser, units):
+def test_filters_by_slice_type_and_user_with_a_click(page, browser, units, user_unit):
+    browser.open(page["root"])  # again: the user's unit came after the page fixture's load
+    rows = browser.evaluate(ROWS_JS)
+    assert {(r["unit"], r["uid"]) for r in rows} >= {(user_unit, str(UID)), (units["anon"], "")}
     try:
         slice_for = browser.evaluate(
             "[...document.querySelectorAll('label[for^=slice-]')].find(l => l.textContent === 'th-outer-inner.slice').htmlFor"
@@ -354,8 +370,14 @@ def test_filters_by_slice_and_type_with_a_click(page, browser, units):
         shown = {r["unit"] for r in browser.evaluate(ROWS_JS) if r["shown"]}
         assert shown and all(u.endswith(".scope") for u in shown), shown
         browser.click("label[for=type-all]")
-        browser.click("label[for=user-system]")  # no user manager units in the test host: all of them
-        assert all(r["shown"] for r in browser.evaluate(ROWS_JS))
+        browser.click(f"label[for=user-{UID}]")
+        shown = {(r["unit"], r["uid"]) for r in browser.evaluate(ROWS_JS) if r["shown"]}
+        assert (user_unit, str(UID)) in shown and {uid for _, uid in shown} == {str(UID)}, shown
+        browser.click("label[for=user-system]")
+        rows = browser.evaluate(ROWS_JS)
+        shown = {(r["unit"], r["uid"]) for r in rows if r["shown"]}
+        assert (units["anon"], "") in shown and {uid for _, uid in shown} == {""}, shown
+        assert {(r["unit"], r["uid"]) for r in rows if not r["shown"]} >= {(user_unit, str(UID))}
     finally:
         for reset in ("slice-all", "type-all", "user-all"):
             browser.click(f"label[for={reset}]")

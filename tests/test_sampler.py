@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.render import render
+from exporter.render import DEFAULT_BUDGET, EVERY_SERIES, render
 from exporter.sampler import Sampler, SamplerConfig
 from exporter.snapshot import Breakdown
 from exporter.systemd import DiscoveryResult, Unit
@@ -44,27 +44,33 @@ def _metric_name(line: str) -> str:
     return line.split()[2] if line.startswith("#") else line.split("{")[0].split()[0]
 
 
-def stable_render(snapshot) -> str:
-    lines = render(snapshot).decode().splitlines()
+def stable_render(snapshot, budget=DEFAULT_BUDGET) -> str:
+    lines = render(snapshot, budget).decode().splitlines()
     return "".join(line + "\n" for line in lines if not _VOLATILE.match(_metric_name(line)))
 
 
+# metrics.golden: the default series budget; metrics-all.golden: every --collector.* series on.
+GOLDENS = {"metrics.golden": DEFAULT_BUDGET, "metrics-all.golden": EVERY_SERIES}
+
+
+@pytest.mark.parametrize("golden_name", GOLDENS)
 @pytest.mark.parametrize("name", TREES)
-def test_golden_metrics(name):
+def test_golden_metrics(name, golden_name):
     tree = FIXTURES / name
-    text = stable_render(sample_tree(tree))
-    golden = tree / "metrics.golden"
+    text = stable_render(sample_tree(tree), GOLDENS[golden_name])
+    golden = tree / golden_name
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)
     assert text == golden.read_text(), f"render of {name} changed; rerun with UPDATE_GOLDEN=1 and review the diff"
 
 
+@pytest.mark.parametrize("golden_name", GOLDENS)
 @pytest.mark.parametrize("name", TREES)
-def test_golden_passes_promtool(name):
+def test_golden_passes_promtool(name, golden_name):
     promtool = shutil.which("promtool")
     if promtool is None and not os.environ.get("CI"):
         pytest.skip("promtool not installed (tests/prerequisites.sh installs it)")
-    result = subprocess.run([promtool, "check", "metrics"], input=(FIXTURES / name / "metrics.golden").read_bytes(), capture_output=True)
+    result = subprocess.run([promtool, "check", "metrics"], input=(FIXTURES / name / golden_name).read_bytes(), capture_output=True)
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result.stdout + result.stderr
 
 

@@ -4,6 +4,8 @@ the tree systemd 252 made in the test host for `systemd-run --user --unit=x` as 
 
 from __future__ import annotations
 
+import os
+
 from exporter.systemd import UnitFilter, unit_name_of_cgroup, user_manager_uid, user_units_in_tree
 
 MANAGER = "/user.slice/user-1500.slice/user@1500.service"
@@ -63,6 +65,38 @@ def test_user_manager_uid():
     assert user_manager_uid("user@0.service") == 0
     for name in ("user-1500.slice", "user@.service", "user@15x.service", "user-runtime-dir@1500.service"):
         assert user_manager_uid(name) is None
+
+
+def test_names_a_user_could_mkdir_that_systemd_never_would_are_counted_not_units(tmp_path):
+    """The tree below user@UID.service is the user's (delegated): a real directory tree with
+    names systemd's unit_name_is_valid() refuses, and one name in two slices."""
+    from exporter.systemd import cgroup_subdirectories
+
+    root = tmp_path / "m"
+    for path in ("app.slice/x.service", "app.slice/ok@1.service", "b.slice/x.service", "app.slice/a b.service",
+                 "app.slice/grüß.service"):
+        (root / path).mkdir(parents=True)
+    os.mkdir(os.fsencode(str(root / "app.slice")) + b"/a\xff.service")  # not UTF-8: scandir gives 'a\udcff.service'
+    failures: list = []
+    units = user_units_in_tree("/m", 1500, cgroup_subdirectories(str(tmp_path), failures), UnitFilter.build(), failures)
+    assert sorted(u.name for u in units) == ["app.slice", "b.slice", "ok@1.service", "x.service"]
+    assert [u.control_group for u in units if u.name == "x.service"] == ["/m/app.slice/x.service"]  # the first kept
+    assert len({u.key for u in units}) == len(units)
+    assert sorted(f[2].split(":")[0] for f in failures) == ["a second cgroup of unit 'x.service', skipped",
+                                                             "not a valid unit name", "not a valid unit name",
+                                                             "not a valid unit name"]
+    assert {f[0] for f in failures} == {"parse"}
+    assert all(f[2].isascii() for f in failures)  # logged and sent to the sampler as repr
+
+
+def test_units_beyond_the_cap_are_skipped_and_counted_once():
+    from exporter.systemd import MAX_USER_UNITS
+
+    tree = {MANAGER: ["app.slice"], f"{MANAGER}/app.slice": [f"s{i:05}.service" for i in range(MAX_USER_UNITS + 50)]}
+    failures: list = []
+    units = user_units_in_tree(MANAGER, 1500, lambda cg: tree.get(cg, []), UnitFilter.build(), failures)
+    assert len(units) == MAX_USER_UNITS and units[0].name == "app.slice"
+    assert len(failures) == 1 and failures[0][0] == "parse" and f"more than {MAX_USER_UNITS} units" in failures[0][2]
 
 
 # --------------------------------------------------------------------------- a real user manager
@@ -176,9 +210,12 @@ def test_a_users_dbus_service_never_collides_with_the_systems(testhost, exporter
 
 
 @pytest.mark.e2e
-def test_user_units_are_inside_their_manager_and_not_in_host_totals_twice(testhost, exporter, user_units):
-    """Host totals come from -.slice (v1) or the top-level cgroups: user units are below
-    user@UID.service, which holds their processes already."""
+def test_a_user_managers_rss_covers_its_units_and_system_units_fit_in_the_host(testhost, exporter, user_units):
+    """User units lie below user@UID.service, which holds their processes already: the manager's
+    rss_anon covers its units', and the units without uid hold no more processes than -.slice.
+    That host totals count no user unit twice is the recording rules' business, tested with
+    promtool on a host with user units in tests/rules/recording-rules.test.yml ("Host totals
+    with user units")."""
     m = exporter.scrape()
     manager = _one(m, "systemd_unit_memory_bytes", unit=f"user@{UID}.service", uid=None, type="rss_anon")
     inside = sum(s.value for s in _series(m, "systemd_unit_memory_bytes", uid=str(UID), type="rss_anon")
@@ -276,17 +313,17 @@ def test_a_user_unit_named_like_a_system_unit_keeps_its_own_figures():
 
 
 def test_explain_names_a_user_unit_and_why_it_has_no_cgroup_figures():
-    from exporter.explain import explain_unit
+    from exporter.explain import explain_text, reconcile
     from exporter.procfs import ProcessTotals
     from exporter.snapshot import UnitSample
     from exporter.systemd import Unit
 
     unit = Unit("x.service", "service", "active", "", f"{MANAGER}/app.slice/x.service", 1500)
-    text = explain_unit(UnitSample(unit, ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None))
+    text = explain_text(reconcile(UnitSample(unit, ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None)))
     assert text.splitlines()[0] == f"x.service (uid 1500)  (active, 1 process, cgroup {MANAGER}/app.slice/x.service)"
     assert "no memory controller" in text and "MemoryCurrent [not set]" in text
-    system = explain_unit(UnitSample(Unit("x.service", "service", "active", "running", "/system.slice/x.service"),
-                                     ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None))
+    system = explain_text(reconcile(UnitSample(Unit("x.service", "service", "active", "running", "/system.slice/x.service"),
+                                               ProcessTotals(1, 60 << 20, 6 << 20, 0, 0), None)))
     assert system.splitlines()[0].startswith("x.service  (active/running, 1 process")
     assert "MemoryAccounting=no" in system
 

@@ -25,7 +25,7 @@ def test_listen_addresses_in_node_exporters_form(listen, address):
     assert parse_listen_address(listen) == address
 
 
-@pytest.mark.parametrize("listen", ["10073", "localhost", "host:", "host:0", "host:65536", "host:http", ":-1", ""])
+@pytest.mark.parametrize("listen", ["10073", "localhost", "host:", "host:0", "host:65536", "host:http", ":-1", "", ":²", ":٣"])
 def test_bad_listen_addresses_are_refused(listen):
     with pytest.raises(ValueError, match="invalid listen address"):
         parse_listen_address(listen)

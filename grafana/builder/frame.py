@@ -95,15 +95,19 @@ def unit_variable(sel: Selectors, single: bool = False, default_unit: str | None
     )
 
 
-def unit_link(sel: Selectors, unit_value: str, uid_value: str) -> list[dict]:
-    """A data link to the unit dashboard; unit_value and uid_value are Grafana data-link variables."""
+def unit_link(sel: Selectors, unit_value: str) -> list[dict]:
+    """A data link to the unit dashboard; unit_value is a Grafana data-link variable for the unit.
+
+    The user selection is carried over as it is (${uid:queryparam}), not taken from the clicked
+    unit: a system unit has no uid label, and a data-link variable without a value is left in the
+    URL as text, which would select nothing."""
     keep = "".join(f"&${{{v['name']}:queryparam}}" for v in host_variables(sel))
     return [
         {
             "title": "Open the unit dashboard",
             # percentencode: unit names carry backslash escapes (foo\x2dbar.service).
-            "url": f"{UNIT_DASHBOARD}?${{datasource:queryparam}}{keep}"
-            f"&var-uid=${{{uid_value}:percentencode}}&var-unit=${{{unit_value}:percentencode}}&${{__url_time_range}}",
+            "url": f"{UNIT_DASHBOARD}?${{datasource:queryparam}}{keep}&${{uid:queryparam}}"
+            f"&var-unit=${{{unit_value}:percentencode}}&${{__url_time_range}}",
         }
     ]
 

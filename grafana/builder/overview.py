@@ -70,8 +70,8 @@ def trouble_table(q: Queries, links: list[dict]) -> dict:
 
 def build(q: Queries) -> dict:
     leaves = q.not_slice(q.usage())
-    links = unit_link(q.sel, "__field.labels.unit", "__field.labels.uid")
-    table_links = unit_link(q.sel, "__value.raw", "__data.fields.uid")
+    links = unit_link(q.sel, "__field.labels.unit")
+    table_links = unit_link(q.sel, "__value.raw")
     panels = host_tiles(q) + [
         # First screen: which unit, and is it a problem.
         p.bargauge(

@@ -97,7 +97,8 @@ def build(q: Queries) -> dict:
             "summed). Purple: PSS, top's number with each shared page split between the processes sharing it "
             "(only with --collector.pss). Dotted: the highest usage the kernel recorded (memory.peak, page cache "
             "included). The distance between red and green is page cache, tmpfs/shm, kernel memory and pages "
-            "left by exited processes; see \"Where the memory is\".",
+            "left by exited processes; see \"Where the memory is\". The peak line needs --collector.peak (the "
+            "series budget leaves it out by default).",
             p.pos(0, 14, 12, 8),
             p.targets((q.usage(), SYSTEMCTL), (q.rss(), TOP), (q.mem("pss"), "PSS (shared pages split)"),
                       (q.metric("systemd_unit_memory_peak_bytes"), "peak usage")),
@@ -136,7 +137,8 @@ def build(q: Queries) -> dict:
             "memory.events per graph step (exact increases). max: usage hit MemoryMax and the kernel had to reclaim "
             "(v1: memory.failcnt). high: usage went over MemoryHigh and the unit was throttled. low: memory "
             "protected by MemoryLow was reclaimed anyway. oom: the OOM killer was invoked. Thousands of max or "
-            "high events are normal for a unit that lives at its limit.",
+            "high events are normal for a unit that lives at its limit. low (and oom_group_kill) need "
+            "--collector.events.fields: the series budget leaves them out by default.",
         ),
         p.timeseries(
             "Memory pressure (cgroup v2 only)",
@@ -153,7 +155,8 @@ def build(q: Queries) -> dict:
             "memory.stat file items. active_file/inactive_file: cache the kernel sees as recently used or not "
             "(inactive goes first; the working set leaves inactive_file out). file_mapped: mapped by processes. "
             "file_dirty/file_writeback: written but not yet on disk, cannot be dropped until written. shmem: "
-            "tmpfs and shared memory.",
+            "tmpfs and shared memory. active_file and inactive_file need --collector.stat.fields (the series "
+            "budget leaves them out by default).",
             p.pos(0, 30, 12, 8),
             [p.target(q.stat("active_file|inactive_file|file_mapped|file_dirty|file_writeback|shmem"), "{{item}}")],
         ),
@@ -161,7 +164,8 @@ def build(q: Queries) -> dict:
             "Kernel memory in detail",
             "memory.stat kernel items charged to the unit: kernel (all of it; v2 5.18+, v1 kmem usage), "
             "slab_reclaimable (dentries and inodes, shrinks under pressure), slab_unreclaimable, kernel_stack, "
-            "pagetables (grows with mapped memory), percpu, sock (network buffers), vmalloc.",
+            "pagetables (grows with mapped memory), percpu, sock (network buffers), vmalloc. By default the "
+            "series budget exports only kernel; the other items need --collector.stat.fields.",
             p.pos(12, 30, 12, 8),
             [p.target(q.stat("kernel|kernel_stack|pagetables|percpu|sock|vmalloc|slab_reclaimable|slab_unreclaimable"),
                       "{{item}}")],

@@ -58,7 +58,7 @@ def units_table(q: Queries) -> dict:
         overrides=[
             p.by_name("reclaimable share", p.prop("unit", "percentunit"),
                       p.prop("custom.cellOptions", {"type": "gauge", "mode": "basic"}), p.prop("min", 0), p.prop("max", 1)),
-            p.by_name("unit", p.prop("links", unit_link(q.sel, "__value.raw", "__data.fields.uid")), p.prop("custom.width", 280)),
+            p.by_name("unit", p.prop("links", unit_link(q.sel, "__value.raw")), p.prop("custom.width", 280)),
             p.by_name("gap: systemctl − top", p.prop("custom.cellOptions", {"type": "color-text"}), p.fixed("orange")),
         ],
     )
