@@ -46,14 +46,34 @@ def pytest_generate_tests(metafunc):
                          indirect=True, scope="session")
 
 
+def _guest_of(item):
+    return getattr(getattr(item, "callspec", None), "params", {}).get("guest_config")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture parameters
 def pytest_collection_modifyitems(config, items):
-    """A test whose layouts no selected guest has is deselected, not skipped (CI fails on a skip)."""
+    """A test whose layouts no selected guest has is deselected, not skipped (CI fails on a skip).
+    Then every guest's tests run together, guest after guest in GUESTS order: pytest's own
+    grouping alternates between guests when tests admit different ones, and each switch is a
+    boot; each guest's tests by module, in file order."""
     # (pytest parametrizes an empty list with a NOTSET placeholder and a skip mark)
     unplaced = [item for item in items if "guest_config" in getattr(item, "fixturenames", ())
-                and not isinstance(getattr(getattr(item, "callspec", None), "params", {}).get("guest_config"), tuple)]
+                and not isinstance(_guest_of(item), tuple)]
     if unplaced:
         config.hook.pytest_deselected(items=unplaced)
         items[:] = [item for item in items if item not in unplaced]
+    order = {guest: i for i, guest in enumerate(selected_guests())}
+    first = min((i for i, item in enumerate(items) if _guest_of(item) is not None), default=None)
+    if first is not None:
+        # and each module's tests together (its module-scoped exporter and workloads start once)
+        modules = {}
+        for item in items:
+            modules.setdefault(item.module.__name__, len(modules))
+        guests = sorted((item for item in items if _guest_of(item) is not None),
+                        key=lambda item: (order[_guest_of(item)], modules[item.module.__name__],
+                                          item.location[1]))  # file order: some tests must come last
+        others = [item for item in items if _guest_of(item) is None]
+        items[:] = others[:first] + guests + others[first:]
 
 
 def pytest_terminal_summary(terminalreporter):
