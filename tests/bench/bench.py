@@ -1,7 +1,7 @@
 """Benchmark: the exporter's cost against the C floor of the files it reads and against its peers,
 on the real-systemd test host, for several numbers of units. Run as root:
 
-    python3 -m tests.bench                       # 100x10, 1000x10, 3000x3 units x processes
+    python3 -m tests.bench                       # 100x10, 1000x10, 3000x3, 10000x3 units x processes
     python3 -m tests.bench --sizes 1000x10 --baseline HEAD   # side by side with a git revision
 
 It boots a TestHost, starts N units of M processes each (workloads.batch), and for each size:
@@ -92,7 +92,7 @@ class Size:
 
 @dataclass
 class Options:
-    sizes: list[Size] = field(default_factory=lambda: [Size(100, 10), Size(1000, 10), Size(3000, 3)])
+    sizes: list[Size] = field(default_factory=lambda: [Size(100, 10), Size(1000, 10), Size(3000, 3), Size(10000, 3)])
     default_size: str = "1000x10"
     cycles: int = 8
     interval: float = 15.0
@@ -433,6 +433,10 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
         memory_cgroup = host.path(f"/sys/fs/cgroup/memory{cgroup}")
         unit_stat = dict(line.split() for line in (memory_cgroup / "memory.stat").read_text().splitlines())
         unit_usage = int((memory_cgroup / "memory.usage_in_bytes").read_text())
+        # Kernel memory charged to the unit (v1 kmem): kept descriptors hold a seq_file page each.
+        kmem_file = memory_cgroup / "memory.kmem.usage_in_bytes"
+        unit_kmem = int(kmem_file.read_text()) if kmem_file.exists() else None
+        open_fds = len(os.listdir(host.path(f"/proc/{pid}/fd")))
         self_metrics = {
             "sample_cpu_seconds": metric(text, "systemd_memory_exporter_sample_cpu_seconds"),
             "render_seconds": metric(text, "systemd_memory_exporter_render_duration_seconds"),
@@ -452,6 +456,8 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
             "pss_with_discovery_child_mib": all_pss_kib / 1024,
             "unit_memory_usage_mib": unit_usage / 2**20,
             "unit_anon_mib": int(unit_stat["total_rss"]) / 2**20,
+            "unit_kernel_mib": None if unit_kmem is None else unit_kmem / 2**20,
+            "open_fds": open_fds,
             "scrape_ms": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
                           "p99": percentile(latencies, 99), "max": max(latencies), "n": len(latencies)},
             "scrape_gzip_bytes": statistics.median(sizes),
@@ -582,8 +588,20 @@ def measure_cycles(host: TestHost, opts: Options, baseline: str | None) -> dict:
     return out
 
 
+def check_pid_room(size: Size) -> None:
+    """Every process and thread takes a PID in the machine's namespace too, so a size must fit
+    in pid_max minus what already runs (10,000 x 3 does, with ~2,500 to spare at 32,768)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    running = sum(len(os.listdir(f"/proc/{p}/task")) for p in os.listdir("/proc") if p.isdigit()
+                  and os.path.isdir(f"/proc/{p}/task"))
+    wanted = size.units * size.procs
+    if wanted + running + 1000 > pid_max:  # the margin: systemd's, the exporter's and the peers' own
+        raise HostError(f"{size}: {wanted} processes do not fit: pid_max {pid_max}, {running} tasks running")
+
+
 def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path | None, baseline: str | None,
                  is_default: bool) -> dict:
+    check_pid_room(size)
     log(opts, f"{size}: starting units")
     started = time.monotonic()
     workloads.batch(host, size.units, procs=size.procs, prefix=PREFIX, timeout=1200)
@@ -753,6 +771,8 @@ def table(results: dict) -> str:
     row("exporter PSS incl. discovery child", lambda r: r["exporter"]["pss_with_discovery_child_mib"], " MiB")
     row("exporter unit: cgroup usage (systemctl)", lambda r: r["exporter"]["unit_memory_usage_mib"], " MiB")
     row("exporter unit: anon (total_rss)", lambda r: r["exporter"]["unit_anon_mib"], " MiB")
+    row("exporter unit: kernel (kmem)", lambda r: r["exporter"]["unit_kernel_mib"], " MiB")
+    row("exporter main process: open descriptors", lambda r: r["exporter"]["open_fds"])
     row("scrape p50", lambda r: r["exporter"]["scrape_ms"]["p50"], " ms")
     row("scrape p99", lambda r: r["exporter"]["scrape_ms"]["p99"], " ms")
     row("scrape max", lambda r: r["exporter"]["scrape_ms"]["max"], " ms")
@@ -820,8 +840,9 @@ def stop_bench_units(host: TestHost) -> None:
 def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python3 -m tests.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="100x10,1000x10,3000x3",
-                   help="comma-separated UNITSxPROCESSES (default %(default)s; 3000x10 exceeds pid_max=32768 here)")
+    p.add_argument("--sizes", default="100x10,1000x10,3000x3,10000x3",
+                   help="comma-separated UNITSxPROCESSES (default %(default)s; 3000x10 exceeds pid_max=32768 here;"
+                        " a size that does not fit in the free PIDs stops the run before its units start)"),
     p.add_argument("--default-size", default="1000x10", help="the size whose figures are the headline keys")
     p.add_argument("--cycles", type=int, default=8, help="in-process sample cycles per run (default %(default)s)")
     p.add_argument("--interval", type=float, default=15.0, help="the exporter process's --sample.interval")
