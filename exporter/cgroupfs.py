@@ -1,8 +1,9 @@
-"""cgroup memory files: layout detection, pure parsers, and thin readers.
+"""cgroup files: layout detection, the pure parsers of the memory control files, and the
+cgroup tree (paths, child cgroups, the minimal set of subtrees to walk).
 
 Parsers take the text of one control file and return values; they never touch the
 filesystem, so fixture strings and property tests exercise them directly (the shape of
-prometheus/procfs). Readers are one function per file and do nothing but read.
+prometheus/procfs). Reading goes through exporter/kernelfiles.py, the error boundary.
 
 Semantics (Documentation/admin-guide/cgroup-v1/memory.rst, cgroup-v2.rst):
 - v1 memory.usage_in_bytes and v2 memory.current are what systemd reports as MemoryCurrent.
@@ -12,26 +13,16 @@ Semantics (Documentation/admin-guide/cgroup-v1/memory.rst, cgroup-v2.rst):
 
 from __future__ import annotations
 
-import errno
 import os
-from .records import record
+from collections.abc import Iterable
 from enum import Enum
 
-
-class ParseError(ValueError):
-    """A control file whose content is not what the kernel documents."""
-
+from .kernelfiles import ParseError, parse_uint, read_text
+from .records import record
 
 # v1 reports "unlimited" as LONG_MAX rounded down to the page size; anything at or above
 # this is treated as no limit (memory.rst: "-1" writes become this value).
 V1_UNLIMITED_THRESHOLD = 1 << 62
-
-
-def parse_uint(text: str) -> int:
-    """A kernel decimal: ASCII digits only (int() would also take "1_000", " 7" or "٣")."""
-    if not (text.isascii() and text.isdigit()):
-        raise ParseError(f"expected a non-negative integer, got {text[:40]!r}")
-    return int(text)
 
 
 def parse_single_value(text: str) -> int:
@@ -174,43 +165,38 @@ def detect_layout(cgroupfs: str) -> Layout:
     )
 
 
-# The errnos that mean "this cgroup or process went away while we read it": missing data,
-# not an error (below's collector treats cgroups the same way). ESRCH: a process gone
-# between listing and reading /proc/PID.
-VANISHED_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ESRCH})
-
-
-_READ_SIZE = 65536
-
-
-def read_bytes(path: str | bytes) -> bytes:
-    """One open, one read, one close for any file under 64 KiB.
-
-    stat() sizes of kernel files lie (0 or 4096), so read a fixed chunk; the kernel's
-    seq_file fills a whole buffer per read, so only a full chunk can mean more is left.
-    Raw os calls: a buffered open() costs an extra fstat and ioctl per file; these three
-    cost little more than the same calls from C (tests/bench measures both).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, _READ_SIZE)
-        if len(data) == _READ_SIZE:
-            chunks = [data]
-            while chunk := os.read(fd, _READ_SIZE):
-                chunks.append(chunk)
-            data = b"".join(chunks)
-    finally:
-        os.close(fd)
-    return data
-
-
-def read_text(path: str) -> str:
-    """read_bytes as text; a stray non-ASCII byte becomes U+FFFD, which the parsers reject."""
-    return read_bytes(path).decode("ascii", errors="replace")
-
-
 def _read_optional(path: str) -> str | None:
     try:
         return read_text(path)
     except FileNotFoundError:
         return None
+
+
+def cgroup_path(root: str, cgroup: str) -> str:
+    """The directory of ``cgroup`` (systemd's "/system.slice/x.service", or "/") under a hierarchy."""
+    return root + cgroup if cgroup != "/" else root
+
+
+def minimal_roots(paths: Iterable[str]) -> list[str]:
+    """The paths not inside another one: walking these covers every unit's subtree once."""
+    roots: list[str] = []
+    for path in sorted(set(paths)):
+        parent = roots[-1] if roots else None
+        if parent is not None and (parent == "/" or path.startswith(parent + "/")):
+            continue
+        roots.append(path)
+    return roots
+
+
+def child_cgroups(directory: str) -> list[str]:
+    """Names of the child cgroups of a cgroup directory.
+
+    Most unit cgroups have no children. cgroupfs (kernfs) keeps a directory's link count at
+    2 + its number of subdirectories (kernfs_refresh_inode), as ext4 and tmpfs do for the
+    fixture trees, so one stat() answers "none" where a listing costs an open, two
+    getdents64 over a dozen control files, and a close: 2 us instead of 13 us per cgroup.
+    A file system that does not count links (btrfs reports 1) is simply listed.
+    """
+    if os.stat(directory).st_nlink == 2:
+        return []
+    return [entry.name for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]

@@ -13,14 +13,16 @@ import sys
 import threading
 
 from . import __version__
-from .systemd import CGROUP_UNIT_TYPES, UnitFilter
+from .sampler import SamplerConfig
+from .systemd import CGROUP_UNIT_TYPES, DEFAULT_DBUS_TIMEOUT, DEFAULT_PRIVATE_SOCKET, UnitFilter
 
 log = logging.getLogger("exporter")
 
 # 9100-9999 (the Prometheus wiki's exporter port range) is fully allocated; this port is
 # outside it and outside the well-known exporter and kubelet ports.
 DEFAULT_LISTEN = ":10073"
-DEFAULT_INTERVAL = 15.0
+# The sampler's defaults (paths, interval, PSS bounds) are SamplerConfig's own.
+DEFAULTS = SamplerConfig()
 
 
 def _interval(text: str) -> float:
@@ -72,9 +74,9 @@ def _types(text: str) -> list[str]:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--path.procfs", dest="procfs", default="/proc", metavar="DIR", help="procfs mount point (default %(default)s)")
+    parser.add_argument("--path.procfs", dest="procfs", default=DEFAULTS.procfs, metavar="DIR", help="procfs mount point (default %(default)s)")
     parser.add_argument(
-        "--path.cgroupfs", dest="cgroupfs", default="/sys/fs/cgroup", metavar="DIR", help="cgroup mount point (default %(default)s)"
+        "--path.cgroupfs", dest="cgroupfs", default=DEFAULTS.cgroupfs, metavar="DIR", help="cgroup mount point (default %(default)s)"
     )
     parser.add_argument(
         "--unit.include", dest="include", type=_regex, default=".+", metavar="REGEX",
@@ -88,11 +90,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated unit types to report (default {','.join(CGROUP_UNIT_TYPES)})",
     )
     parser.add_argument(
-        "--dbus.timeout", dest="dbus_timeout", type=_positive, default=5.0, metavar="SECONDS",
+        "--dbus.timeout", dest="dbus_timeout", type=_positive, default=DEFAULT_DBUS_TIMEOUT, metavar="SECONDS",
         help="timeout of every D-Bus call (default %(default)s)",
     )
     parser.add_argument(
-        "--systemd.private-socket", dest="private_socket", default="/run/systemd/private", metavar="PATH",
+        "--systemd.private-socket", dest="private_socket", default=DEFAULT_PRIVATE_SOCKET, metavar="PATH",
         help="systemd's own socket, used when no D-Bus daemon answers (default %(default)s)",
     )
     parser.add_argument(
@@ -122,7 +124,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="TLS and basic auth configuration, in the Prometheus exporter-toolkit format (needs pyyaml, bcrypt)",
     )
     serve.add_argument(
-        "--sample.interval", dest="interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
+        "--sample.interval", dest="interval", type=_interval, default=DEFAULTS.interval, metavar="SECONDS",
         help="seconds between samples; 0 samples on each scrape (default %(default)s)",
     )
     # --collector.pss (exporter/pss.py): opt-in, because smaps_rollup holds each process's mmap_lock.
@@ -131,12 +133,12 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="also export per-unit pss and uss from /proc/PID/smaps_rollup (costly: see --collector.pss.*)",
     )
     serve.add_argument(
-        "--collector.pss.budget", dest="pss_budget", type=_positive, default=2.0, metavar="SECONDS",
+        "--collector.pss.budget", dest="pss_budget", type=_positive, default=DEFAULTS.pss_budget, metavar="SECONDS",
         help="stop reading smaps_rollup after this long in a cycle; the rest of the units wait for the next (default %(default)s)",
     )
     serve.add_argument(
-        "--collector.pss.max-rss", dest="pss_max_rss", type=_size, default=4 << 30, metavar="BYTES",
-        help="do not read smaps_rollup of processes with a larger RSS, e.g. 4GiB (default 4GiB)",
+        "--collector.pss.max-rss", dest="pss_max_rss", type=_size, default=DEFAULTS.pss_max_rss, metavar="BYTES",
+        help=f"do not read smaps_rollup of processes with a larger RSS, e.g. 4GiB (default {DEFAULTS.pss_max_rss >> 30}GiB)",
     )
     _add_common(serve)
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .explain import explain
-    from .sampler import Sampler, SamplerConfig
+    from .sampler import Sampler
     from .systemd import Discovery, DiscoveryError, DiscoveryResult
 
     _setup_logging(args.log_level if args.log_level != "info" else "warn")
@@ -220,7 +222,6 @@ def _return_big_buffers_to_the_kernel() -> None:
 
 def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .discovery_process import DiscoveryProcess
-    from .sampler import SamplerConfig
     from .service import SampleLoop
     from .web import parse_listen_address, serve
 

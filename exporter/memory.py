@@ -7,10 +7,11 @@ optional: a kernel that lacks a file or key leaves it absent, never 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from .records import record
 from types import MappingProxyType
 
-from .cgroupfs import MemoryVersion, ParseError, Pressure, parse_flat_keyed, parse_limit, parse_pressure, parse_single_value, parse_v1_limit
+from .cgroupfs import MemoryVersion, Pressure, parse_flat_keyed, parse_limit, parse_pressure, parse_single_value, parse_v1_limit
+from .kernelfiles import ParseError
+from .records import record
 
 # Files read per cgroup, each once per cycle. Order is the order they are read in.
 V1_FILES = (

@@ -1,4 +1,5 @@
-"""Per-process memory from /proc/PID/status: a pure parser and a thin reader.
+"""Per-process memory from /proc/PID/status, summed over cgroup subtrees: the parsers, and the
+walker that reads every cgroup.procs and status file of a cycle once.
 
 Why not psutil here: psutil's memory_info() reads /proc/PID/statm, which has no split between
 anonymous, file and shmem pages (its "shared" is RssFile + RssShmem) and no swap, and
@@ -9,11 +10,15 @@ memory_full_info() parses the whole of /proc/PID/smaps — the cost trap of proc
 
 from __future__ import annotations
 
+import errno
 import os
 import re
-from .records import record
+from collections.abc import Iterable
 
-from .cgroupfs import ParseError, parse_uint, read_bytes
+from .cgroupfs import cgroup_path, child_cgroups, minimal_roots, parse_procs_bytes
+from .errorlog import CycleErrors
+from .kernelfiles import VANISHED, ParseError, parse_uint, read_bytes
+from .records import record
 
 
 @record
@@ -86,10 +91,106 @@ def parse_status_bytes(data: bytes) -> tuple[int, int, int, int]:
     return m.rss_anon, m.rss_file, m.rss_shmem, m.swap
 
 
-def status_path(procfs: str, pid: int) -> bytes:
-    return b"%s/%d/status" % (os.fsencode(procfs), pid)
+@record
+class ProcessTotals:
+    """Sums over every process in a cgroup subtree (bytes), from /proc/PID/status."""
+
+    processes: int = 0
+    rss_anon: int = 0
+    rss_file: int = 0
+    rss_shmem: int = 0
+    swap: int = 0  # VmSwap: private anonymous swap
+
+    @property
+    def rss(self) -> int:
+        """top's RES / ps's RSS, summed."""
+        return self.rss_anon + self.rss_file + self.rss_shmem
 
 
-def read_status(procfs: str, pid: int) -> ProcessMemory:
-    """Raises OSError (vanished: ENOENT/ESRCH; EACCES under hidepid) or ParseError."""
-    return ProcessMemory(*parse_status_bytes(read_bytes(status_path(procfs, pid))))
+class ProcessWalker:
+    """Sums /proc/PID/status over cgroup subtrees: every cgroup.procs and status read once.
+
+    The hot loop of a cycle: one status file per process. It reads bytes through raw fds and
+    parses them without decoding (parse_status_bytes), and sums plain ints. One walker per
+    cycle: its failed reads are that cycle's (``errors``).
+    """
+
+    def __init__(self, procs_root: str, procfs: str, errors: CycleErrors):
+        self.procs_root = procs_root
+        self.procfs = procfs
+        self.errors = errors
+        self._status = os.fsencode(procfs) + b"/%d/status"
+        # hidepid=invisible makes another user's /proc/PID look like a process that exited.
+        # kill(pid, 0) tells them apart, but only for a procfs of our own PID namespace.
+        try:
+            self._own_pid_namespace = os.readlink(os.path.join(procfs, "self")) == str(os.getpid())
+        except OSError:
+            self._own_pid_namespace = False
+
+    def _hidden(self, pid: int) -> bool:
+        """A PID listed in cgroup.procs with no /proc entry: hidden from us, or gone?"""
+        if not self._own_pid_namespace:
+            return False
+        try:
+            os.kill(pid, 0)
+        except PermissionError:
+            return True  # alive, and not ours: hidepid hid it
+        except OSError:
+            return False
+        return False  # ours, so not hidden: it exited between the listing and the read
+
+    def totals(self, cgroups: Iterable[str]) -> dict[str, ProcessTotals]:
+        """cgroup path -> totals of its subtree, for every cgroup at or below ``cgroups``."""
+        result: dict[str, ProcessTotals] = {}
+        for root in minimal_roots(cgroups):
+            self._walk(root, result, listed=False)
+        return result
+
+    def _walk(self, cgroup: str, result: dict[str, ProcessTotals], listed: bool = True) -> ProcessTotals | None:
+        """``listed``: the directory was seen in its parent's listing, so its absence now means
+        it vanished mid-walk. A unit's own path may never have existed (systemd names a
+        ControlGroup for idle sockets and mounts that have no directory): no cgroup, no count."""
+        directory = cgroup_path(self.procs_root, cgroup)
+        try:
+            pids = parse_procs_bytes(read_bytes(directory + "/cgroup.procs"))
+            children = child_cgroups(directory)
+        except (OSError, ParseError) as e:
+            # A parse error names the file; an OSError may come from the listing too.
+            where = directory + "/cgroup.procs" if isinstance(e, ParseError) else directory
+            if self.errors.read_failed("cgroup", where, e) == VANISHED and listed:
+                self.errors.vanished("cgroup")
+            return None
+        count, anon, file, shmem, swap = 0, 0, 0, 0, 0
+        status = self._status
+        for pid in pids:
+            # PID 0: a process outside our PID namespace (a container's launcher); it has no
+            # /proc entry here, so it is not one of the processes we can see.
+            if not pid:
+                continue
+            count += 1
+            try:
+                pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(read_bytes(status % pid))
+            except (OSError, ParseError) as e:
+                if self.errors.read_failed("procfs", f"{self.procfs}/PID/status", e) == VANISHED:
+                    if self._hidden(pid):
+                        self.errors.read_failed("procfs", f"{self.procfs}/PID/status", PermissionError(errno.EACCES, "hidden"))
+                    else:
+                        self.errors.vanished("process")
+                        count -= 1
+                continue
+            anon += pid_anon
+            file += pid_file
+            shmem += pid_shmem
+            swap += pid_swap
+        prefix = "" if cgroup == "/" else cgroup
+        for child in children:
+            sub = self._walk(f"{prefix}/{child}", result)
+            if sub is not None:
+                count += sub.processes
+                anon += sub.rss_anon
+                file += sub.rss_file
+                shmem += sub.rss_shmem
+                swap += sub.swap
+        totals = ProcessTotals(count, anon, file, shmem, swap)
+        result[cgroup] = totals
+        return totals

@@ -27,11 +27,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .cgroupfs import VANISHED_ERRNOS, ParseError, parse_procs_bytes, parse_uint, read_bytes
+from .cgroupfs import cgroup_path, child_cgroups, parse_procs_bytes
+from .errorlog import ErrorLog
+from .kernelfiles import VANISHED, ParseError, describe, failure_reason, parse_uint, read_bytes
 from .records import record
 from .systemd import Unit
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# --collector.pss.budget and --collector.pss.max-rss.
+DEFAULT_BUDGET = 2.0
+DEFAULT_MAX_RSS = 4 << 30
 _FIELDS = ("Pss:", "Private_Clean:", "Private_Dirty:")
 
 
@@ -84,6 +89,8 @@ class PssResult:
 
 # Outcomes of one process, besides a Rollup.
 _SKIPPED = "skipped"
+# A cgroup of the subtree whose listing failed (not vanished): its processes are unknown.
+_UNREADABLE = None
 
 
 class PssCollector:
@@ -96,25 +103,26 @@ class PssCollector:
 
     def __init__(
         self,
-        procs_root: str | None,
-        procfs: str = "/proc",
-        budget: float = 2.0,
-        max_rss: int = 4 << 30,
+        procfs: str,
+        budget: float = DEFAULT_BUDGET,
+        max_rss: int = DEFAULT_MAX_RSS,
         clock: Callable[[], float] = time.monotonic,
+        errors: ErrorLog | None = None,
     ):
-        self.procs_root = procs_root
         self.procfs = procfs
         self.budget = budget
         self.max_rss = max_rss
         self.clock = clock
+        # Only to log why a process was skipped: pss_skipped_processes_total counts it.
+        self.errors = errors or ErrorLog()
         self.skipped_total: Counter = Counter()
         self.deferred_units_total = 0
         self._resume_at: tuple[int, str] | None = None  # order key of the first unit next cycle
         self._statm = os.fsencode(procfs) + b"/%d/statm"
         self._rollup = os.fsencode(procfs) + b"/%d/smaps_rollup"
 
-    def collect(self, units: Iterable[Unit], procs_root: str | None = None) -> PssResult:
-        root = procs_root if procs_root is not None else self.procs_root
+    def collect(self, units: Iterable[Unit], procs_root: str | None) -> PssResult:
+        """``procs_root``: the hierarchy holding the units' cgroup.procs (Layout.procs_root)."""
         # Deepest cgroups first: a service before the slice holding it, so a slice costs only
         # the processes its children did not already read this cycle.
         order = sorted(
@@ -122,7 +130,7 @@ class PssCollector:
             key=lambda u: self._key(u),
         )
         result = PssResult({u.name: None for u in order})
-        if root is None or not order:
+        if procs_root is None or not order:
             return result
         start = 0
         if self._resume_at is not None:
@@ -133,7 +141,9 @@ class PssCollector:
         listings: dict[str, tuple[list[int], list[str]] | None] = {}
         self._resume_at = None
         for position, unit in enumerate(rotated):
-            pids = self._subtree_pids(root, unit.control_group, listings)
+            pids = self._subtree_pids(procs_root, unit.control_group, listings)
+            if pids is None:
+                continue  # part of its subtree could not be listed: no PSS rather than a partial one
             finished = True
             for pid in pids:
                 if pid in processes:
@@ -171,13 +181,12 @@ class PssCollector:
                 result.skipped["max_rss"] += 1
                 return _SKIPPED
             rollup = parse_smaps_rollup(read_bytes(self._rollup % pid).decode("ascii", errors="replace"))
-        except OSError as e:
+        except (OSError, ParseError) as e:
+            reason = failure_reason(e)
             # Gone since the listing, or a kernel thread (ESRCH: no address space to walk).
-            if e.errno in VANISHED_ERRNOS:
+            if reason == VANISHED:
                 return NO_MAPPINGS
-            result.skipped["error"] += 1
-            return _SKIPPED
-        except ParseError:
+            self.errors.warn("pss", reason, f"{self.procfs}/PID/smaps_rollup", describe(e))
             result.skipped["error"] += 1
             return _SKIPPED
         result.read += 1
@@ -185,8 +194,9 @@ class PssCollector:
 
     def _subtree_pids(
         self, root: str, cgroup: str, listings: dict[str, tuple[list[int], list[str]] | None]
-    ) -> list[int]:
-        """Every PID in the cgroup and below (PID 0, outside our namespace, left out)."""
+    ) -> list[int] | None:
+        """Every PID in the cgroup and below (PID 0, outside our namespace, left out); None
+        when a cgroup of the subtree could not be listed."""
         pids: list[int] = []
         stack = [cgroup]
         while stack:
@@ -194,8 +204,8 @@ class PssCollector:
             if current not in listings:
                 listings[current] = _listing(root, current)
             listing = listings[current]
-            if listing is None:
-                continue
+            if listing is _UNREADABLE:
+                return None
             own, children = listing
             pids.extend(own)
             prefix = "" if current == "/" else current
@@ -203,12 +213,14 @@ class PssCollector:
         return [pid for pid in pids if pid]
 
 
-def _listing(root: str, cgroup: str) -> tuple[list[int], list[str]] | None:
-    directory = root + cgroup if cgroup != "/" else root
-    try:
-        pids = parse_procs_bytes(read_bytes(directory + "/cgroup.procs"))
-        children = [entry.name for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
-    except (OSError, ParseError):
-        return None  # the cgroup went away (or is unreadable): no processes to read there
-    return pids, children
+_VANISHED_LISTING: tuple[list[int], list[str]] = ([], [])
 
+
+def _listing(root: str, cgroup: str) -> tuple[list[int], list[str]] | None:
+    """(PIDs, child cgroups); no processes for a cgroup that went away; _UNREADABLE for one that
+    cannot be read (the process walker counts and logs that same cgroup.procs in errors_total)."""
+    directory = cgroup_path(root, cgroup)
+    try:
+        return parse_procs_bytes(read_bytes(directory + "/cgroup.procs")), child_cgroups(directory)
+    except (OSError, ParseError) as e:
+        return _VANISHED_LISTING if failure_reason(e) == VANISHED else _UNREADABLE

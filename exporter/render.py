@@ -1,4 +1,6 @@
-"""The exposition text as a pure function of a Snapshot, rendered once per snapshot.
+"""The exposition text: every line /metrics serves. The snapshot's lines are a pure function of
+the Snapshot, rendered once per snapshot; the few lines made per scrape (the exporter's own
+process, the render time) are written here by the same writer.
 
 Written straight from the snapshot rather than through client_python's metric families and
 generate_latest: the benchmark (tests/bench) measured that path at 40 % of a sample cycle's
@@ -11,10 +13,15 @@ stops appearing: nothing outlives the snapshot it came from.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .memory import STAT_ITEMS
 from .snapshot import SOURCES, Snapshot
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
 
 # One place for every name, so README, dashboards and tests can be checked against it.
 UNIT_MEMORY = "systemd_unit_memory_bytes"
@@ -223,5 +230,32 @@ def health_families(snapshot: Snapshot) -> list[Family]:
     return families
 
 
+def _text(families: list[Family]) -> bytes:
+    return "".join(line for family in families for line in family.lines).encode()
+
+
 def render(snapshot: Snapshot) -> bytes:
-    return "".join(line for family in unit_families(snapshot) + health_families(snapshot) for line in family.lines).encode()
+    return _text(unit_families(snapshot) + health_families(snapshot))
+
+
+def _client_family(metric: Metric) -> Family:
+    """One family from a client_python collector, in the same format as the rest."""
+    # client_python names a counter family without _total; the text format names it with.
+    name = metric.name + "_total" if metric.type == "counter" else metric.name
+    family = Family(name, metric.type, metric.documentation)
+    for sample in metric.samples:
+        if sample.name == name:  # a counter's _created has no place in text 0.0.4
+            family.add(",".join(f'{k}="{label_value(v)}"' for k, v in sorted(sample.labels.items())), sample.value)
+    return family
+
+
+def render_scrape(own: Iterable[Metric], render_seconds: float | None) -> bytes:
+    """The lines made per scrape: the exporter's own process (``own``: client_python's process,
+    platform and GC collectors give the values) and, once there is a snapshot, how long it took
+    to render and compress."""
+    families = [_client_family(metric) for metric in own]
+    if render_seconds is not None:
+        families.append(_single(
+            SELF + "render_duration_seconds", "gauge", "Time to render and compress the latest snapshot.", render_seconds
+        ))
+    return _text(families)

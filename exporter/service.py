@@ -44,7 +44,7 @@ def publish(snapshot: Snapshot) -> Published:
 
 
 class SampleLoop:
-    """Owns the discovery and sampler threads; hands out the latest Published."""
+    """Owns the sampler thread, which owns the discovery child; hands out the latest Published."""
 
     def __init__(self, config: SamplerConfig, discovery: DiscoveryProcess, dbus_timeout: float):
         self.config = config

@@ -7,29 +7,14 @@ below's sample/model split: the derivations live in ``Breakdown``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from .records import record
 
 from .cgroupfs import Layout
 from .memory import CgroupMemory
+from .procfs import ProcessTotals
+from .records import record
 from .systemd import Unit
 
 SOURCES = ("dbus", "cgroup", "procfs")
-
-
-@record
-class ProcessTotals:
-    """Sums over every process in a cgroup subtree (bytes), from /proc/PID/status."""
-
-    processes: int = 0
-    rss_anon: int = 0
-    rss_file: int = 0
-    rss_shmem: int = 0
-    swap: int = 0  # VmSwap: private anonymous swap
-
-    @property
-    def rss(self) -> int:
-        """top's RES / ps's RSS, summed."""
-        return self.rss_anon + self.rss_file + self.rss_shmem
 
 
 @record

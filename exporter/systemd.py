@@ -2,8 +2,8 @@
 
 Cost model (node_exporter #1201/#1254 made one call per unit per scrape): one ListUnits per
 cycle, plus one Get of ControlGroup for a unit only when it is new or its state changed.
-Everything here runs on the discovery thread, which owns the one bus connection: sd-bus is
-not thread-safe. Every method call is bounded by $SYSTEMD_BUS_TIMEOUT, which sd-bus reads
+Everything here runs in the discovery child process (exporter/discovery_process.py), on one
+thread that owns the one bus connection: sd-bus is not thread-safe. Every method call is bounded by $SYSTEMD_BUS_TIMEOUT, which sd-bus reads
 when a bus makes its first call (systemd docs/ENVIRONMENT.md); pystemd passes timeout 0,
 meaning "that default".
 """
@@ -26,6 +26,10 @@ CGROUP_UNIT_TYPES = ("service", "scope", "slice", "socket", "mount", "swap")
 # States in which a unit can have processes or charged memory. "inactive" units have no
 # cgroup; "failed" ones may still hold one (e.g. KillMode=none leftovers).
 _STATES_WITHOUT_CGROUP = frozenset({"inactive"})
+
+# --systemd.private-socket and --dbus.timeout.
+DEFAULT_PRIVATE_SOCKET = "/run/systemd/private"
+DEFAULT_DBUS_TIMEOUT = 5.0
 
 SYSTEMD_DESTINATION = b"org.freedesktop.systemd1"
 MANAGER_PATH = b"/org/freedesktop/systemd1"
@@ -115,7 +119,9 @@ class DiscoveryError(Exception):
 class Discovery:
     """Lists units and their control groups. Not thread-safe: owned by one thread."""
 
-    def __init__(self, unit_filter: UnitFilter, private_socket: str = "/run/systemd/private", timeout: float = 5.0):
+    def __init__(
+        self, unit_filter: UnitFilter, private_socket: str = DEFAULT_PRIVATE_SOCKET, timeout: float = DEFAULT_DBUS_TIMEOUT
+    ):
         self.unit_filter = unit_filter
         self.private_socket = private_socket
         self.transport = "none"  # "system_bus", "private_socket" or "none"

@@ -13,10 +13,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from . import __version__
 from .explain import human_bytes
+from .render import render_scrape
 from .service import Published, SampleLoop
 from .snapshot import Breakdown
 from .webconfig import WebConfig
@@ -120,22 +121,16 @@ class Handler(BaseHTTPRequestHandler):
         loop = self.server.loop
         published = loop.latest(wait=max(loop.dbus_timeout * 2, 10.0))
         started = time.perf_counter()
-        own = generate_latest(self.server.self_registry)
-        gzip_ok = "gzip" in self.headers.get("Accept-Encoding", "")
+        own = render_scrape(self.server.self_registry.collect(), published and published.render_seconds)
+        gzip_ok = gzip_accepted(self.headers.get("Accept-Encoding", ""))
         if published is None:
             self._send(503, b"# no sample yet\n" + own, CONTENT_TYPE)
             return
-        render_line = (
-            "# HELP systemd_memory_exporter_render_duration_seconds Time to render and compress the latest snapshot.\n"
-            "# TYPE systemd_memory_exporter_render_duration_seconds gauge\n"
-            f"systemd_memory_exporter_render_duration_seconds {published.render_seconds!r}\n"
-        ).encode()
         if gzip_ok:
             # The snapshot part was compressed once; gzip members may be concatenated (RFC 1952).
-            tail = gzip.compress(own + render_line, compresslevel=1, mtime=0)
-            body = published.body_gzip + tail
+            body = published.body_gzip + gzip.compress(own, compresslevel=1, mtime=0)
         else:
-            body = published.body() + own + render_line
+            body = published.body() + own
         log.debug("scrape served in %.1f ms", (time.perf_counter() - started) * 1000)
         self._send(200, body, CONTENT_TYPE, gzip_ok)
 
@@ -215,6 +210,29 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{t
 {''.join(rows)}
 </table></body></html>
 """
+
+
+def gzip_accepted(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header admits gzip (RFC 9110, 12.5.3).
+
+    Tokens as client_python's gzip_accepted splits them (on "," then ";", case-insensitive),
+    plus the q-values it ignores: "gzip;q=0" refuses gzip, and "*" stands for any coding the
+    header does not name.
+    """
+    weights: dict[str, float] = {}
+    for item in accept_encoding.split(","):
+        coding, *params = (part.strip().lower() for part in item.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0  # an unreadable q-value accepts nothing
+        if coding:
+            weights[coding] = weight
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
 def serve(loop: SampleLoop, listen: str, telemetry_path: str, web_config: WebConfig | None = None) -> ExporterServer:

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.cgroupfs import (
-    ParseError,
     parse_flat_keyed,
     parse_pressure,
     parse_procs,
@@ -16,6 +15,7 @@ from exporter.cgroupfs import (
     parse_single_value,
     parse_v1_limit,
 )
+from exporter.kernelfiles import ParseError
 from exporter.memory import memory_from_v1, memory_from_v2
 from exporter.procfs import NO_USER_MEMORY, parse_status
 from exporter.pss import parse_smaps_rollup, parse_statm_resident

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from exporter.cgroupfs import ParseError
+from exporter.kernelfiles import ParseError
 from exporter.pss import NO_MAPPINGS, PAGE_SIZE, PssCollector, Rollup, parse_smaps_rollup
 from exporter.systemd import Unit
 
@@ -108,7 +108,7 @@ def test_sums_nested_units_and_reads_each_process_once(tmp_path):
         "/a.slice/y.service": {12: (100, 5, 5)},
     })
     units = [unit("a.slice", "/a.slice"), unit("x.service", "/a.slice/x.service"), unit("y.service", "/a.slice/y.service")]
-    result = PssCollector(root, procfs, budget=60).collect(units)
+    result = PssCollector(procfs, budget=60).collect(units, root)
     kib = 1024
     assert result.values == {"x.service": (60 * kib, 40 * kib), "y.service": (5 * kib, 5 * kib),
                              "a.slice": (65 * kib, 45 * kib)}
@@ -124,8 +124,8 @@ def test_a_process_over_the_cap_is_not_read_and_its_units_have_no_pss(tmp_path):
     })
     units = [unit("s.slice", "/s.slice"), unit("big.service", "/s.slice/big.service"),
              unit("small.service", "/s.slice/small.service")]
-    collector = PssCollector(root, procfs, budget=60, max_rss=4 << 30)
-    result = collector.collect(units)
+    collector = PssCollector(procfs, budget=60, max_rss=4 << 30)
+    result = collector.collect(units, root)
     assert result.values["big.service"] is None and result.values["s.slice"] is None  # absent, not partial
     assert result.values["small.service"] == (7 * 1024, 7 * 1024)
     assert result.skipped == {"max_rss": 1} and collector.skipped_total["max_rss"] == 1
@@ -136,12 +136,12 @@ def test_budget_defers_units_and_the_next_cycle_resumes_with_them(tmp_path):
     root, procfs = make_tree(tmp_path, tree)
     units = [unit(f"u{i}.service", f"/u{i}.service") for i in range(6)]
     # budget 3.5 steps: the clock is read once to set the deadline, then once per process
-    collector = PssCollector(root, procfs, budget=3.5, clock=StepClock(1.0))
-    first = collector.collect(units)
+    collector = PssCollector(procfs, budget=3.5, clock=StepClock(1.0))
+    first = collector.collect(units, root)
     done_first = {name for name, value in first.values.items() if value is not None}
     assert done_first == {"u0.service", "u1.service", "u2.service"}
     assert first.deferred_units == 3
-    second = collector.collect(units)
+    second = collector.collect(units, root)
     done_second = {name for name, value in second.values.items() if value is not None}
     assert done_second == {"u3.service", "u4.service", "u5.service"}  # round-robin: the rest first
     assert collector.deferred_units_total == 6
@@ -151,9 +151,9 @@ def test_a_unit_bigger_than_the_budget_does_not_starve_the_others(tmp_path):
     tree = {"/huge.service": {200 + i: (10, 1, 1) for i in range(10)}, "/tiny.service": {300: (10, 1, 1)}}
     root, procfs = make_tree(tmp_path, tree)
     units = [unit("huge.service", "/huge.service"), unit("tiny.service", "/tiny.service")]
-    collector = PssCollector(root, procfs, budget=3.5, clock=StepClock(1.0))
-    collector.collect(units)
-    second = collector.collect(units)
+    collector = PssCollector(procfs, budget=3.5, clock=StepClock(1.0))
+    collector.collect(units, root)
+    second = collector.collect(units, root)
     assert second.values["tiny.service"] is not None
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from exporter.render import render
-from exporter.sampler import DiscoveryResult, Sampler, SamplerConfig
+from exporter.sampler import Sampler, SamplerConfig
 from exporter.snapshot import Breakdown
-from exporter.systemd import Unit
+from exporter.systemd import DiscoveryResult, Unit
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TREES = ["hybrid", "v2"]

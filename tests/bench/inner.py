@@ -31,9 +31,9 @@ import time
 import exporter
 from exporter import sampler as sampler_module
 from exporter.cgroupfs import detect_layout
-from exporter.sampler import DiscoveryResult, Sampler, SamplerConfig
+from exporter.sampler import Sampler, SamplerConfig
 from exporter.service import publish
-from exporter.systemd import Discovery, UnitFilter
+from exporter.systemd import Discovery, DiscoveryResult, UnitFilter
 
 PHASES = ("discovery", "cgroup", "procfs", "build", "render")
 MARK_BEGIN = "/BENCH-MARK-begin"
@@ -173,11 +173,11 @@ def cmd_pss(args) -> dict:
     discovery = Discovery(UnitFilter.build())
     units = discovery.refresh()
     layout = detect_layout("/sys/fs/cgroup")
-    collector = PssCollector(layout.procs_root, "/proc", budget=args.budget, max_rss=args.max_rss)
+    collector = PssCollector("/proc", budget=args.budget, max_rss=args.max_rss)
     runs = []
     for _ in range(args.cycles):
         c0, w0 = time.thread_time(), time.perf_counter()
-        result = collector.collect(units)
+        result = collector.collect(units, layout.procs_root)
         runs.append({"cpu": time.thread_time() - c0, "wall": time.perf_counter() - w0,
                      "units_with_pss": sum(1 for v in result.values.values() if v is not None),
                      "read": result.read, "skipped": dict(result.skipped)})

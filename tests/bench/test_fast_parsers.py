@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.cgroupfs import ParseError, parse_procs, parse_procs_bytes
+from exporter.cgroupfs import parse_procs, parse_procs_bytes
+from exporter.kernelfiles import ParseError
 from exporter.procfs import NO_USER_MEMORY, parse_status, parse_status_bytes
 
 # A whole /proc/PID/status of `sleep` on the development VM (kernel 6.18.44), for the layout.

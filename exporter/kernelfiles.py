@@ -1,0 +1,81 @@
+"""Kernel files in general: one read per file, the decimal they all print, and the error
+boundary, the one place a failed read or parse is given its meaning.
+
+Every reader (cgroup files, /proc/PID/status, smaps_rollup) catches ``OSError`` and
+``ParseError`` and asks ``failure_reason`` what happened, as psutil's ``wrap_exceptions`` and
+below's ``wrap()`` do: a file that went away is missing data (``VANISHED``), not an error;
+anything else is an error of one reason (``PERMISSION``, ``IO``, ``PARSE``), which is what
+``errors_total{reason=...}`` counts.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+class ParseError(ValueError):
+    """A kernel file whose content is not what the kernel documents."""
+
+
+def parse_uint(text: str) -> int:
+    """A kernel decimal: ASCII digits only (int() would also take "1_000", " 7" or "٣")."""
+    if not (text.isascii() and text.isdigit()):
+        raise ParseError(f"expected a non-negative integer, got {text[:40]!r}")
+    return int(text)
+
+
+# The meanings a failed read can have.
+VANISHED = "vanished"
+PERMISSION = "permission"
+IO = "io"
+PARSE = "parse"
+
+# The errnos that mean "this cgroup or process went away while we read it": missing data,
+# not an error (below's collector treats cgroups the same way). ESRCH: a process gone
+# between listing and reading /proc/PID.
+VANISHED_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ESRCH})
+_PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+
+
+def failure_reason(error: OSError | ParseError) -> str:
+    """VANISHED, PERMISSION, IO or PARSE: what a reader's exception means."""
+    if isinstance(error, ParseError):
+        return PARSE
+    if error.errno in VANISHED_ERRNOS:
+        return VANISHED
+    return PERMISSION if error.errno in _PERMISSION_ERRNOS else IO
+
+
+def describe(error: OSError | ParseError) -> str:
+    """The part of an error worth logging: strerror without the path, or the parse message."""
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
+
+
+_READ_SIZE = 65536
+
+
+def read_bytes(path: str | bytes) -> bytes:
+    """One open, one read, one close for any file under 64 KiB.
+
+    stat() sizes of kernel files lie (0 or 4096), so read a fixed chunk; the kernel's
+    seq_file fills a whole buffer per read, so only a full chunk can mean more is left.
+    Raw os calls: a buffered open() costs an extra fstat and ioctl per file; these three
+    cost little more than the same calls from C (tests/bench measures both).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, _READ_SIZE)
+        if len(data) == _READ_SIZE:
+            chunks = [data]
+            while chunk := os.read(fd, _READ_SIZE):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    return data
+
+
+def read_text(path: str) -> str:
+    """read_bytes as text; a stray non-ASCII byte becomes U+FFFD, which the parsers reject."""
+    return read_bytes(path).decode("ascii", errors="replace")
