@@ -9,6 +9,7 @@ source down instead.
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from types import MappingProxyType
 from .cgroupfs import Layout, detect_layout
 from .cgroupreader import CgroupReader
 from .errorlog import CycleErrors, ErrorLog
+from .keptfiles import DEFAULT_KEPT_FILES, KeptFiles, default_limit
 from .procfs import ProcessTotals, ProcessWalker
 from .pss import DEFAULT_BUDGET, DEFAULT_MAX_RSS, PssCollector
 from .snapshot import Snapshot, SourceHealth, UnitSample
@@ -34,6 +36,9 @@ class SamplerConfig:
     pss: bool = False
     pss_budget: float = DEFAULT_BUDGET
     pss_max_rss: int = DEFAULT_MAX_RSS
+    # --sample.kept-files: descriptors of cgroup and status files kept open across cycles,
+    # within the descriptor limit (exporter/keptfiles.py); 0 opens and closes every file.
+    kept_files: int = DEFAULT_KEPT_FILES
 
 
 class Sampler:
@@ -48,6 +53,7 @@ class Sampler:
         self.pss = (
             PssCollector(config.procfs, config.pss_budget, config.pss_max_rss, errors=self.errors) if config.pss else None
         )
+        self.files = KeptFiles(default_limit(config.kept_files, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
 
     def sample(self) -> Snapshot:
         started_wall, started_cpu = time.time(), time.thread_time()
@@ -69,12 +75,13 @@ class Sampler:
 
         cycle = CycleErrors(self.errors)
         layout = detect_layout(self.config.cgroupfs)
-        reader = CgroupReader(layout, cycle)
+        reader = CgroupReader(layout, cycle, self.files.read_text)
         memories = {u.name: reader.memory(u.control_group) for u in found.units}
         phase("cgroup")
 
-        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle)
+        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle, self.files.read_bytes)
         totals = walker.totals(u.control_group for u in found.units) if layout.procs_root else {}
+        self.files.end_cycle()
         phase("procfs")
 
         pss: dict[str, tuple[int, int] | None] = {}
