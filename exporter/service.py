@@ -78,6 +78,10 @@ class SampleLoop:
         elif self._thread.ident is None:  # never started
             self._discovery.stop()
 
+    def open_descriptors(self) -> int | None:
+        """The process's open descriptors at the end of the last cycle (None before one)."""
+        return self._sampler.files.open_descriptors
+
     def latest(self, wait: float = 0.0) -> Published | None:
         """The latest snapshot; with interval 0, a fresh one (waiting up to ``wait`` seconds)."""
         if self.config.interval > 0:
