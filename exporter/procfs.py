@@ -116,12 +116,13 @@ class ProcessWalker:
     """
 
     def __init__(self, procs_root: str, procfs: str, errors: CycleErrors,
-                 read: Callable[[str | bytes], bytes] = read_bytes):
+                 read: Callable[[str | bytes], bytes] = read_bytes, pause: Callable[[], None] = lambda: None):
         self.procs_root = procs_root
         self.procfs = procfs
         self.errors = errors
         # read_bytes, or a KeptFiles' (exporter/keptfiles.py): descriptors kept across cycles.
         self._read = read
+        self._pause = pause  # once per cgroup: where a running scrape goes first (service.py)
         self._status = os.fsencode(procfs) + b"/%d/status"
         # hidepid=invisible makes another user's /proc/PID look like a process that exited.
         # kill(pid, 0) tells them apart, but only for a procfs of our own PID namespace.
@@ -153,6 +154,7 @@ class ProcessWalker:
         """``listed``: the directory was seen in its parent's listing, so its absence now means
         it vanished mid-walk. A unit's own path may never have existed (systemd names a
         ControlGroup for idle sockets and mounts that have no directory): no cgroup, no count."""
+        self._pause()
         directory = cgroup_path(self.procs_root, cgroup)
         try:
             pids = parse_procs_bytes(self._read(directory + "/cgroup.procs"))

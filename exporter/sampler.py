@@ -44,9 +44,12 @@ class SamplerConfig:
 class Sampler:
     """Builds snapshots. ``sample()`` must always be called from the same thread."""
 
-    def __init__(self, config: SamplerConfig, discover: Callable[[], DiscoveryResult]):
+    def __init__(self, config: SamplerConfig, discover: Callable[[], DiscoveryResult],
+                 pause: Callable[[], None] = lambda: None):
         self.config = config
         self.discover = discover
+        # Called between units and cgroups: where a running scrape goes first (service.py).
+        self.pause = pause
         self.errors = ErrorLog()
         self.samples_total = 0
         self._last_success: dict[str, float] = {}
@@ -76,10 +79,14 @@ class Sampler:
         cycle = CycleErrors(self.errors)
         layout = detect_layout(self.config.cgroupfs)
         reader = CgroupReader(layout, cycle, self.files.read_text)
-        memories = {u.name: reader.memory(u.control_group) for u in found.units}
+        memories = {}
+        pause = self.pause
+        for u in found.units:
+            pause()
+            memories[u.name] = reader.memory(u.control_group)
         phase("cgroup")
 
-        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle, self.files.read_bytes)
+        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle, self.files.read_bytes, pause)
         totals = walker.totals(u.control_group for u in found.units) if layout.procs_root else {}
         self.files.end_cycle()
         phase("procfs")
