@@ -235,16 +235,23 @@ def _return_big_buffers_to_the_kernel() -> None:
 def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .discovery_process import DiscoveryProcess
     from .keptfiles import raise_descriptor_limit
+
+    if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
+        parser.error(f"--web.telemetry-path must start with / and not be / itself: {args.telemetry_path!r}")
+    _setup_logging(args.log_level)
+    _return_big_buffers_to_the_kernel()  # before the fork: the child's malloc gets it too
+    discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout)
+    # Now, while this process has one thread and before the imports the child has no use for
+    # (HTTP server, client_python, TLS): the child shares what it has of our pages.
+    discovery.fork_first_child()
     from .service import SampleLoop
     from .web import parse_listen_address, serve
 
     try:
         parse_listen_address(args.listen)
     except ValueError as e:
+        discovery.stop()
         parser.error(str(e))
-    if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
-        parser.error(f"--web.telemetry-path must start with / and not be / itself: {args.telemetry_path!r}")
-    _setup_logging(args.log_level)
     web_config = None
     if args.web_config_file:
         from .webconfig import WebConfigError, load
@@ -253,10 +260,8 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             web_config = load(args.web_config_file)
         except WebConfigError as e:
             print(f"systemd-memory-exporter: --web.config.file: {e}", file=sys.stderr)
+            discovery.stop()
             return 1
-    discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout)
-    # Now, while this process has one thread: later discovery children fork from it cheaply.
-    discovery.fork_server()
     raise_descriptor_limit()  # up to the unit's LimitNOFILE, for --sample.kept-files
     config = SamplerConfig(args.procfs, args.cgroupfs, args.interval, args.pss, args.pss_budget, args.pss_max_rss,
                            kept_files=args.kept_files)
@@ -265,11 +270,11 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         server = serve(loop, args.listen, args.telemetry_path, web_config)
     except OSError as e:
         print(f"systemd-memory-exporter: cannot listen on {args.listen}: {e.strerror or e}", file=sys.stderr)
+        discovery.stop()
         return 1
     # A scrape that arrives mid-cycle waits for the sampler thread to yield the GIL; a 1 ms
     # switch interval (default 5 ms) bounds that wait (tests/bench measures scrape p99).
     sys.setswitchinterval(0.001)
-    _return_big_buffers_to_the_kernel()
     loop.start()
     log.info(
         "systemd-memory-exporter %s listening on %s%s, sampling every %gs",

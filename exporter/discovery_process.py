@@ -14,15 +14,13 @@ for a scrape to wait on it. (A header with "units" holds them itself, in one lin
 exits when its stdin closes (the parent went away).
 
 Memory: a fresh interpreter for the child costs its own ~14 MiB of anonymous memory. So at
-start, while the exporter is still one thread, ``fork_server()`` forks a small fork server
-(a "zygote") that imports pystemd and then only ever forks discovery children on request,
-handing their pipes back over a Unix socket (SCM_RIGHTS) with a pidfd to watch and kill them
-by. Children forked from it share the parent's interpreter pages copy-on-write (gc.freeze()
-first, so the collector does not write to every object and unshare them). The zygote never
-touches D-Bus, so a frozen bus cannot hang it; a child that hangs is killed by its pidfd and
-another is forked. Forking straight from the exporter later would be unsafe (it has threads
-by then, whose locks a child would inherit held). Without a zygote (it died, or this is a
-test's stand-in child), the child is a fresh interpreter as before.
+start, while the exporter is still one thread, ``fork_first_child()`` forks the first child
+from the exporter itself: it shares the exporter's interpreter pages copy-on-write
+(gc.freeze() first, so the collector does not write to every object and unshare them). A
+child that dies or hangs is replaced by a fresh interpreter as before: forking from the
+exporter then would be unsafe (it has threads by then, whose locks a child would inherit
+held). A fork server kept for later children was tried and measured: it keeps the old copy
+of every page the exporter writes after the fork, so it cost as much as a fresh child.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import os
 import select
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -59,8 +56,6 @@ class DiscoveryProcess:
                         "private_socket": private_socket, "timeout": timeout,
                         "log_level": logging.getLogger().getEffectiveLevel()}
         self._argv = [sys.executable, "-m", "exporter.discovery_process", json.dumps(self._config)]
-        self._default_argv = list(self._argv)
-        self._zygote: Zygote | None = None
         # Past this, a refresh is not slow but stuck: kill the child and start another.
         self.hang_limit = max(30.0, 10 * timeout)
         self._proc: subprocess.Popen | None = None
@@ -145,25 +140,48 @@ class DiscoveryProcess:
         self._expected = None
         return lines
 
-    def fork_server(self) -> bool:
-        """Fork the zygote that later children are forked from (see the module's docstring).
-        Call it once, while the process has one thread; False when it could not be forked."""
-        if self._zygote is None:
-            config = dict(self._config, log_level=logging.getLogger().getEffectiveLevel())
-            self._zygote = Zygote.start(lambda requests, replies: serve(config, requests, replies))
-        return self._zygote is not None
+    def fork_first_child(self) -> bool:
+        """Fork the first child from this process (see the module's docstring). Call it once,
+        while the process has one thread; False when it could not (the first request then
+        starts a fresh interpreter)."""
+        if self._proc is not None or not hasattr(os, "pidfd_open"):
+            return False
+        config = dict(self._config, log_level=logging.getLogger().getEffectiveLevel())
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        gc.freeze()  # what exists now stays shared: the collector never writes to it again
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.warning("cannot fork the discovery child (%s); it will be a new interpreter", e)
+            for fd in (requests_r, requests_w, replies_r, replies_w):
+                os.close(fd)
+            return False
+        if pid == 0:  # the child
+            code = 1
+            try:
+                os.close(requests_w)
+                os.close(replies_r)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                with os.fdopen(requests_r, "rb") as requests, os.fdopen(replies_w, "w") as replies:
+                    serve(config, requests, replies)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(requests_r)
+        os.close(replies_w)
+        self._proc = ForkedChild(pid, requests_w, replies_r, os.pidfd_open(pid))
+        self._buffer = bytearray()
+        self._expected = None
+        self._pending_since = None
+        return True
 
     def _spawn(self) -> None:
         if self._proc is not None:
             log.warning("discovery process exited with %s, starting another", self._proc.returncode)
-        self._proc = None
-        if self._zygote is not None and self._argv == self._default_argv:
-            self._proc = self._zygote.spawn()
-            if self._proc is None:
-                log.warning("the discovery fork server is gone; starting discovery as a new interpreter")
-                self._zygote = None
-        if self._proc is None:
-            self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         self._buffer = bytearray()
         self._expected = None
         self._pending_since = None
@@ -194,14 +212,11 @@ class DiscoveryProcess:
                 self._proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self._kill()
-        if self._zygote is not None:
-            self._zygote.close()
-            self._zygote = None
 
 
 class ForkedChild:
-    """A discovery child forked by the zygote: the part of Popen that DiscoveryProcess uses.
-    It is the zygote's child, not ours, so it is watched and signalled through a pidfd."""
+    """The forked discovery child: the part of Popen that DiscoveryProcess uses, watched and
+    signalled through a pidfd (no race with a reused PID)."""
 
     def __init__(self, pid: int, stdin_fd: int, stdout_fd: int, pidfd: int):
         self.pid = pid
@@ -230,7 +245,11 @@ class ForkedChild:
                 pass
 
     def _exited(self) -> None:
-        self.returncode = "an unknown status (the fork server reaps it)"
+        try:
+            _pid, status = os.waitpid(self.pid, 0)  # exited, so this does not block
+            self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            self.returncode = "an unknown status"
         os.close(self._pidfd)
         self._pidfd = -1
         for pipe in (self.stdin, self.stdout):
@@ -246,108 +265,6 @@ def _readable(fd: int, timeout: float | None) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(None if timeout is None else timeout * 1000))
-
-
-class Zygote:
-    """The parent's handle on the fork server: ``spawn()`` asks it for one more child."""
-
-    def __init__(self, sock: socket.socket, pid: int):
-        self._sock = sock
-        self.pid = pid
-
-    @classmethod
-    def start(cls, target) -> "Zygote | None":
-        """Fork the zygote; ``target(requests, replies)`` is what each child runs."""
-        if not hasattr(os, "pidfd_open") or not hasattr(socket, "send_fds"):
-            return None  # Python 3.9 before pidfd support on this platform, or not Linux
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        gc.freeze()  # what exists now stays shared: the collector never writes to it again
-        try:
-            pid = os.fork()
-        except OSError as e:
-            log.warning("cannot fork the discovery fork server (%s); children will be new interpreters", e)
-            ours.close()
-            theirs.close()
-            return None
-        if pid == 0:  # the zygote
-            code = 1
-            try:
-                ours.close()
-                _zygote_loop(theirs, target)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        theirs.close()
-        return cls(ours, pid)
-
-    def spawn(self) -> ForkedChild | None:
-        """A new child, or None if the zygote is gone."""
-        try:
-            self._sock.sendall(b"s")
-            message, fds, _flags, _addr = socket.recv_fds(self._sock, 64, 3)
-        except OSError:
-            return None
-        if len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            return None
-        return ForkedChild(int(message), *fds)
-
-    def close(self) -> None:
-        self._sock.close()  # the zygote exits at EOF
-        deadline = time.monotonic() + 2
-        try:
-            while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
-                if time.monotonic() > deadline:
-                    os.kill(self.pid, signal.SIGKILL)
-                    os.waitpid(self.pid, 0)
-                    break
-                time.sleep(0.01)
-        except ChildProcessError:
-            pass
-
-
-def _zygote_loop(sock: socket.socket, target) -> None:
-    """In the zygote: one child per request byte, until the parent closes the socket."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the exporter's own shutdown ends us (EOF)
-    try:
-        import pystemd.dbuslib  # noqa: F401 - imported once here, shared by every child
-    except ImportError:
-        pass  # the child reports it as a failed refresh, as a new interpreter would
-    while sock.recv(1):
-        while True:  # reap the children that exited since the last request
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        requests_r, requests_w = os.pipe()
-        replies_r, replies_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the discovery child
-            code = 1
-            try:
-                sock.close()
-                os.close(requests_w)
-                os.close(replies_r)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                with os.fdopen(requests_r, "rb") as requests, os.fdopen(replies_w, "w") as replies:
-                    target(requests, replies)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        os.close(requests_r)
-        os.close(replies_w)
-        pidfd = os.pidfd_open(pid)
-        try:
-            socket.send_fds(sock, [str(pid).encode()], [requests_w, replies_r, pidfd])
-        finally:
-            for fd in (requests_w, replies_r, pidfd):
-                os.close(fd)
 
 
 def serve(config: dict, requests=None, replies=None) -> None:

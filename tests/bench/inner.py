@@ -13,10 +13,13 @@ Modes (each prints one JSON object on stdout):
   record               two warm cycles, then one cycle between marker stats: run under
                        strace, the syscalls between the markers are exactly one cycle's reads,
                        with the procfs phase marked off too.
-  gil --cycles K       K cycles (as in cycle) on a second thread while this one plays a scrape:
-                       it sleeps 0.5 ms and times how long past that it waits for the GIL,
-                       attributed to the phase the cycle was in (render and gzip apart, and
-                       the garbage collector's passes, seen through gc.callbacks).
+  gil --cycles K [--scrapes-first]
+                       K cycles (as in cycle) on a second thread while this one plays scrapes:
+                       every 5 ms a burst of three 0.5 ms sleeps, each timed for how long past
+                       its end it waits for the GIL, attributed to the phase the cycle was in
+                       (render and gzip apart, and the garbage collector's passes, seen through
+                       gc.callbacks). --scrapes-first: each burst inside ScrapesFirst.scrape()
+                       with the sampler pausing at its pause points, as the exporter runs.
   pss --cycles K       K cycles of exporter.pss.PssCollector over the discovered units.
   count                processes, and how many have statm shared == 0 (where status could be
                        skipped if only statm were read).
@@ -87,7 +90,7 @@ class Clock:
         return c1 - c0, w1 - w0
 
 
-def timed_sampler(clock: Clock, discovery: Discovery, config: SamplerConfig | None = None) -> Sampler:
+def timed_sampler(clock: Clock, discovery: Discovery, config: SamplerConfig | None = None, pause=None) -> Sampler:
     """The real Sampler, with stamps taken where its phases change.
 
     Sampler.sample() builds a ProcessWalker right after the cgroup phase and calls totals()
@@ -117,20 +120,22 @@ def timed_sampler(clock: Clock, discovery: Discovery, config: SamplerConfig | No
 
     render = service_module.render
 
-    def stamped_render(snapshot):
-        text = render(snapshot)
+    def stamped_render(snapshot, *pause):
+        text = render(snapshot, *pause)
         clock.mark("render_text_end")
         return text
 
     service_module.render = stamped_render
+    if pause is not None:
+        return Sampler(config or SamplerConfig(interval=15), discover, pause)
     return Sampler(config or SamplerConfig(interval=15), discover)
 
 
-def one_cycle(sampler: Sampler, clock: Clock) -> dict:
+def one_cycle(sampler: Sampler, clock: Clock, pause=None) -> dict:
     clock.mark("start")
     snapshot = sampler.sample()
     clock.mark("built")
-    published = publish(snapshot)
+    published = publish(snapshot) if pause is None else publish(snapshot, pause)
     clock.mark("rendered")
     spans = {
         "discovery": clock.span("start", "discovery_end"),
@@ -184,10 +189,14 @@ def cmd_gil(args) -> dict:
     """Where a scrape would wait: this thread sleeps PROBE_SLEEP and measures how late it gets
     the GIL back while the cycle runs on another thread, with the exporter's switch interval."""
     sys.setswitchinterval(0.001)  # as exporter/cli.py sets it
+    import contextlib
+
     discovery = Discovery(UnitFilter.build())
     clock = Clock()
-    sampler = timed_sampler(clock, discovery, sampler_config(args))
-    one_cycle(sampler, clock)  # warm: discovery fetched, descriptors opened
+    gate = service_module.ScrapesFirst() if args.scrapes_first else None
+    pause = gate.pause_point if gate else None
+    sampler = timed_sampler(clock, discovery, sampler_config(args), pause)
+    one_cycle(sampler, clock, pause)  # warm: discovery fetched, descriptors opened
     gc_started: list[float] = []
     gc_passes: list[tuple[int, float]] = []
 
@@ -203,18 +212,25 @@ def cmd_gil(args) -> dict:
 
     def cycles() -> None:
         for _ in range(args.cycles):
-            one_cycle(sampler, clock)
+            if gate:
+                gate.new_cycle()
+            one_cycle(sampler, clock, pause)
             time.sleep(0.05)  # idle between cycles: probes there show the floor of the probe itself
         done.set()
 
     worker = threading.Thread(target=cycles)
+    cycle_started = time.perf_counter()
     worker.start()
     while not done.is_set():
-        phase = "gc" if gc_started else clock.current
-        started = time.perf_counter()
-        time.sleep(PROBE_SLEEP)
-        waits.setdefault(phase, []).append(time.perf_counter() - started - PROBE_SLEEP)
+        with gate.scrape() if gate else contextlib.nullcontext():
+            for _ in range(3):
+                phase = "gc" if gc_started else clock.current
+                started = time.perf_counter()
+                time.sleep(PROBE_SLEEP)
+                waits.setdefault(phase, []).append(time.perf_counter() - started - PROBE_SLEEP)
+        time.sleep(0.005)
     worker.join()
+    seconds = time.perf_counter() - cycle_started
     gc.callbacks.remove(on_gc)
 
     def summary(values: list[float]) -> dict:
@@ -223,7 +239,9 @@ def cmd_gil(args) -> dict:
                 "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3, "max_ms": ordered[-1] * 1e3,
                 "over_1ms": sum(v > 1e-3 for v in values), "over_3ms": sum(v > 3e-3 for v in values)}
 
-    return {"probe_sleep_ms": PROBE_SLEEP * 1e3, "cycles": args.cycles,
+    return {"probe_sleep_ms": PROBE_SLEEP * 1e3, "cycles": args.cycles, "scrapes_first": bool(gate),
+            "wall_seconds": seconds, "paused_seconds": gate.paused_seconds if gate else 0.0,
+            "all": summary([v for values in waits.values() for v in values]),
             "waits": {phase: summary(values) for phase, values in waits.items()},
             "gc_passes": {str(g): {"n": sum(1 for gen, _ in gc_passes if gen == g),
                                    "max_ms": max((s for gen, s in gc_passes if gen == g), default=0) * 1e3}
@@ -307,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_cycle)
     p = sub.add_parser("gil")
     p.add_argument("--cycles", type=int, default=6)
+    p.add_argument("--scrapes-first", action="store_true")
     p.add_argument("--kept-files", type=int)
     p.set_defaults(func=cmd_gil)
     p = sub.add_parser("record")
