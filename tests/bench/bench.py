@@ -103,6 +103,8 @@ class Options:
     trace_peers: bool = True
     floor: bool = True
     pss: bool = True
+    variants: bool = True  # the cycle with --sample.kept-files 0 and with every file kept, beside the default
+    gil: bool = True  # where a scrape would wait: inner.py gil, with and without ScrapesFirst
     baseline: str | None = None
     progress: bool = True
 
@@ -127,7 +129,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def inner_json(host: TestHost, args: list[str], pythonpath: str, timeout: float = 900) -> dict:
-    result = host.run([host.python, str(INNER), *args], env={"PYTHONPATH": pythonpath}, timeout=timeout)
+    """inner.py as a transient service of the host's systemd, as the exporter runs: its own
+    cgroup (whose kernel memory it reports) and a descriptor limit a service gets."""
+    result = host.run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "-p", "MemoryAccounting=yes",
+                       "-p", "LimitNOFILE=524288", f"--setenv=PYTHONPATH={pythonpath}", f"--working-directory={REPO}",
+                       host.python, str(INNER), *args], timeout=timeout)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -588,6 +594,10 @@ def measure_cycles(host: TestHost, opts: Options, baseline: str | None) -> dict:
     return out
 
 
+# --kept-files for "every file kept": more than any size here reads (10,000 x 3: ~120,000).
+KEEP_ALL = 1_000_000
+
+
 def check_pid_room(size: Size) -> None:
     """Every process and thread takes a PID in the machine's namespace too, so a size must fit
     in pid_max minus what already runs (10,000 x 3 does, with ~2,500 to spare at 32,768)."""
@@ -615,6 +625,19 @@ def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path |
         result["baseline_cycle"] = cycles["baseline"]
     result["processes"] = result["cycle"]["processes"]
     result["statm"] = inner_json(host, ["count"], str(REPO))
+    if opts.variants:
+        log(opts, f"{size}: the cycle with no descriptor kept and with every one kept")
+        result["kept_variants"] = {
+            name: inner_json(host, ["cycle", "--cycles", str(opts.cycles), "--kept-files", str(count)], str(REPO))
+            for name, count in (("none", 0), ("all", KEEP_ALL))
+        }
+    if opts.gil:
+        log(opts, f"{size}: where a scrape would wait for the GIL")
+        gil_cycles = str(max(3, opts.cycles // 2))
+        result["gil"] = {
+            "plain": inner_json(host, ["gil", "--cycles", gil_cycles], str(REPO)),
+            "scrapes_first": inner_json(host, ["gil", "--cycles", gil_cycles, "--scrapes-first"], str(REPO)),
+        }
 
     if floor_binary is not None and shutil.which("strace"):
         log(opts, f"{size}: floor")
@@ -678,6 +701,13 @@ def ratios(r: dict) -> dict:
         kept = floor["kept"]
         out["procfs_vs_kept_floor"] = cycle["procfs"] / kept["procfs_phase"]["cpu"] if kept["procfs_phase"]["cpu"] else None
         out["cgroup_vs_kept_floor"] = cycle["cgroup"] / kept["cgroup_phase"]["cpu"] if kept["cgroup_phase"]["cpu"] else None
+    variants = r.get("kept_variants")
+    if variants:
+        every = variants["all"]["median"]["cpu"]["cycle"]
+        out["kept_none_cpu_seconds"] = variants["none"]["median"]["cpu"]["cycle"]
+        out["kept_all_cpu_seconds"] = every
+        out["kept_all_vs_floor"] = every / floor["cpu"] if floor else None
+        out["kept_all_vs_kept_floor"] = every / floor["kept"]["cpu"] if floor else None
     if "baseline_cycle" in r:
         base = r["baseline_cycle"]["median"]["cpu"]
         out["baseline_sample_cpu_seconds"] = base["cycle"]
@@ -756,6 +786,21 @@ def table(results: dict) -> str:
         lambda r: f'{fmt(r["ratios"]["cgroup_vs_floor"], "x")}; {fmt(r["ratios"]["cgroup_vs_kept_floor"], "x")}')
     row("kept-open floor: kernel memory its descriptors hold", lambda r: r["floor"]["kept"]["slab_added_kib"] / 1024, " MiB")
     row("floor with statm instead of status", lambda r: r["floor"]["with_statm_instead_of_status"]["cpu"] * 1e3, " ms")
+    row("kept descriptors (default --sample.kept-files 4096)", lambda r: r["cycle"]["kept_files"])
+    row("their kernel memory (the driver's cgroup kmem)", lambda r: r["cycle"]["kernel_mib"], " MiB")
+    row("cycle CPU, no file kept (--sample.kept-files=0)", lambda r: r["ratios"]["kept_none_cpu_seconds"] * 1e3, " ms")
+    row("cycle CPU, every file kept", lambda r: r["ratios"]["kept_all_cpu_seconds"] * 1e3, " ms")
+    row("every file kept: descriptors; kernel memory",
+        lambda r: f'{fmt(r["kept_variants"]["all"]["kept_files"])}; {fmt(r["kept_variants"]["all"]["kernel_mib"], " MiB")}')
+    row("**every file kept / open-read-close floor**", lambda r: r["ratios"]["kept_all_vs_floor"], "x")
+    row("**every file kept / kept-open floor**", lambda r: r["ratios"]["kept_all_vs_kept_floor"], "x")
+    row("GIL wait of a scrape stand-in, p99 / max: plain",
+        lambda r: f'{fmt(r["gil"]["plain"]["all"]["p99_ms"], " ms")} / {fmt(r["gil"]["plain"]["all"]["max_ms"], " ms")}')
+    row("GIL wait p99 / max: scrapes first (as the exporter runs)",
+        lambda r: f'{fmt(r["gil"]["scrapes_first"]["all"]["p99_ms"], " ms")} / '
+                  f'{fmt(r["gil"]["scrapes_first"]["all"]["max_ms"], " ms")}')
+    row("GIL wait p99 by phase, plain: cgroup / procfs / render / gzip / idle", lambda r: " / ".join(
+        fmt(r["gil"]["plain"]["waits"].get(p, {}).get("p99_ms"), " ms") for p in ("cgroup", "procfs", "render", "gzip", "idle")))
     row("cycle CPU per unit", lambda r: r["cycle"]["median"]["cpu"]["cycle"] / r["units"] * 1e6, " µs")
     row("cycle CPU per process", lambda r: r["cycle"]["median"]["cpu"]["cycle"] / r["processes"] * 1e6, " µs")
     if any("baseline_cycle" in r for r in results["sizes"].values()):
@@ -853,6 +898,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--no-trace-peers", action="store_true")
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--no-pss", action="store_true")
+    p.add_argument("--no-variants", action="store_true", help="skip the cycle with no file kept and with every file kept")
+    p.add_argument("--no-gil", action="store_true", help="skip inner.py gil (where a scrape would wait)")
     p.add_argument("--baseline", metavar="REV", help="also run the cycle on exporter/ of this git revision")
     p.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the JSON (default %(default)s)")
     p.add_argument("--markdown", default=str(BENCH / "RESULTS.md"), help="where to write the table (default %(default)s)")
@@ -869,6 +916,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         trace_peers=not args.no_trace_peers,
         floor=not args.no_floor,
         pss=not args.no_pss,
+        variants=not args.no_variants,
+        gil=not args.no_gil,
         baseline=args.baseline,
     )
     return opts, args

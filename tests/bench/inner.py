@@ -181,8 +181,23 @@ def cmd_cycle(args) -> dict:
         **{k: last[k] for k in ("units", "processes", "body_bytes", "body_gzip_bytes", "errors")},
         "driver_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "kept_files": len(sampler.files) if hasattr(sampler, "files") else 0,
+        "kernel_mib": own_kernel_memory_mib(),
     }
     return out
+
+
+def own_kernel_memory_mib() -> float | None:
+    """This process's cgroup's kernel memory (v1 memory.kmem.usage_in_bytes): what the kept
+    descriptors hold, as the exporter's unit would show it."""
+    try:
+        for line in open("/proc/self/cgroup"):
+            _id, controllers, path = line.rstrip("\n").split(":", 2)
+            if "memory" in controllers.split(","):
+                with open(f"/sys/fs/cgroup/memory{path}/memory.kmem.usage_in_bytes") as f:
+                    return int(f.read()) / 2**20
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def cmd_gil(args) -> dict:
