@@ -145,3 +145,13 @@ def test_a_kept_file_of_a_cgroup_made_again_reads_the_new_cgroup(testhost):
     finally:
         checker.kill()
         workloads.stop_units(testhost, [unit], timeout=60)
+
+
+def test_the_open_descriptor_count_includes_the_kept_ones():
+    files = KeptFiles(10)
+    for name in ("stat", "statm", "status"):
+        files.read_bytes(f"/proc/self/{name}")
+    files.end_cycle()
+    listed = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own descriptor
+    assert files.open_descriptors == listed
+    files.close()
