@@ -198,23 +198,22 @@ class Handler(BaseHTTPRequestHandler):
         loop = self.server.loop
         published = loop.latest(wait=max(loop.dbus_timeout * 2, 10.0))
         started = time.perf_counter()
-        # The sampler waits while this runs (service.ScrapesFirst); the send, which a slow
-        # client can make long, is outside.
+        # The sampler waits while this runs, the send included (service.ScrapesFirst): after
+        # the send's release of the GIL a running cycle would hold it a switch interval. A
+        # client too slow to take the body in costs a cycle at most ScrapesFirst.max_wait.
         with loop.scrapes_first.scrape():
             own = render_scrape(self.server.self_registry.collect(), published and published.render_seconds)
             gzip_ok = gzip_accepted(self.headers.get("Accept-Encoding", ""))
             if published is None:
-                body = b"# no sample yet\n" + own
-            elif gzip_ok:
+                self._send(503, b"# no sample yet\n" + own, CONTENT_TYPE)
+                return
+            if gzip_ok:
                 # The snapshot part was compressed once; gzip members may be concatenated (RFC 1952).
                 body = published.body_gzip + gzip_member(own)
             else:
                 body = published.body() + own
-        if published is None:
-            self._send(503, body, CONTENT_TYPE)
-            return
+            self._send(200, body, CONTENT_TYPE, gzip_ok)
         log.debug("scrape served in %.1f ms", (time.perf_counter() - started) * 1000)
-        self._send(200, body, CONTENT_TYPE, gzip_ok)
 
     def _landing(self) -> None:
         published = self.server.loop.latest()

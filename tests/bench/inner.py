@@ -203,7 +203,7 @@ def own_kernel_memory_mib() -> float | None:
 def cmd_gil(args) -> dict:
     """Where a scrape would wait: this thread sleeps PROBE_SLEEP and measures how late it gets
     the GIL back while the cycle runs on another thread, with the exporter's switch interval."""
-    sys.setswitchinterval(0.001)  # as exporter/cli.py sets it
+    sys.setswitchinterval(0.0005)  # as exporter/cli.py sets it
     import contextlib
 
     discovery = Discovery(UnitFilter.build())
