@@ -267,6 +267,19 @@ def _readable(fd: int, timeout: float | None) -> bool:
     return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
+def _give_back_free_memory() -> None:
+    """After each answer: collect, and let glibc return what it holds free. Measured at 1,000
+    units in the test host: RssAnon 16.1 MiB after eight refreshes without, 14.3 MiB with
+    (it stops growing after the second). The child's own CPU, between cycles."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):  # no _ctypes, or not glibc
+        pass
+
+
 def serve(config: dict, requests=None, replies=None) -> None:
     """The child's side: one refresh per request line (``requests``, binary; stdin), one JSON
     answer per refresh (``replies``, text; stdout)."""
@@ -285,6 +298,8 @@ def serve(config: dict, requests=None, replies=None) -> None:
             reply = {"ok": False, "transport": discovery.transport, "error": str(e)}
         replies.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in [reply, *chunks]))
         replies.flush()
+        del chunks
+        _give_back_free_memory()
     discovery.close()
 
 
