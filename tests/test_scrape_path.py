@@ -38,3 +38,65 @@ def test_own_process_collector_gives_client_pythons_families_and_values():
 def test_before_the_first_cycle_the_descriptors_are_listed():
     ours = families(OwnProcessCollector(lambda: None, registry=CollectorRegistry(auto_describe=False)))
     assert abs(ours["process_open_fds"][1] - len(os.listdir("/proc/self/fd"))) <= 2
+
+
+def test_the_sampler_waits_at_a_pause_point_while_a_scrape_runs():
+    import threading
+
+    from exporter.service import ScrapesFirst
+
+    gate = ScrapesFirst(max_wait=30)
+    gate.pause_point()  # no scrape: returns at once
+    entered, passed = threading.Event(), threading.Event()
+    release = threading.Event()
+
+    def scrape():
+        with gate.scrape():
+            entered.set()
+            release.wait(30)
+
+    def sampler():
+        entered.wait(30)
+        gate.pause_point()
+        passed.set()
+
+    threads = [threading.Thread(target=scrape), threading.Thread(target=sampler)]
+    for t in threads:
+        t.start()
+    assert entered.wait(10)
+    assert not passed.wait(0.3), "the sampler went on while the scrape ran"
+    release.set()
+    assert passed.wait(10), "the sampler did not go on once the scrape ended"
+    for t in threads:
+        t.join(10)
+
+
+def test_a_scrape_that_outlasts_max_wait_holds_the_cycle_up_once():
+    import threading
+
+    from exporter.service import ScrapesFirst
+
+    gate = ScrapesFirst(max_wait=0.05)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def scrape():
+        with gate.scrape():
+            entered.set()
+            release.wait(30)
+
+    t = threading.Thread(target=scrape)
+    t.start()
+    try:
+        assert entered.wait(10)
+        gate.pause_point()  # waits max_wait, then gives up for this cycle
+        waited = gate.paused_seconds
+        for _ in range(100):
+            gate.pause_point()
+        assert gate.paused_seconds == waited, "later pause points of the cycle must not wait again"
+        gate.new_cycle()
+        gate.pause_point()
+        assert gate.paused_seconds > waited, "a new cycle waits for a running scrape again"
+    finally:
+        release.set()
+        t.join(10)
