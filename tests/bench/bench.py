@@ -11,9 +11,16 @@ It boots a TestHost, starts N units of M processes each (workloads.batch), and f
    (thread_time) and wall stamps at the phase edges: discovery, cgroup, procfs, build, render.
    With --baseline REV the same driver runs on that revision's exporter/, interleaved (A B A B),
    so before/after ratios come from one run on one machine state.
-2. the floor: inner.py runs one cycle under strace; the openat/stat/getdents64 calls of that
-   cycle are replayed by floor.c (compiled here with gcc) as one open+read+close per file, one
-   open+getdents64+close per listed directory, one stat per stat. ours / floor compares CPU.
+   The same driver also runs with --sample.kept-files 0 (every file opened, read and closed)
+   and with every file kept, beside the default cap, with the kernel memory the kept
+   descriptors hold (the driver's cgroup kmem); and inner.py gil times how long a scrape
+   stand-in waits for the GIL while cycles run, by phase, with and without ScrapesFirst.
+2. the floors: inner.py runs one cycle under strace -y; the files that cycle read (an openat,
+   or a pread64 at offset 0 of a kept descriptor), its directory listings and stats are
+   replayed by floor.c (compiled here with gcc) twice: open+read+close per file (one
+   open+getdents64+close per listed directory, one stat per stat), and through descriptors
+   opened once beforehand and read again from offset 0 (pread; lseek+getdents64), the floor
+   of a cycle that keeps its descriptors. ours / floor compares CPU.
 3. the exporter as a real process (python3 -m exporter, as a transient unit with CPU
    accounting, --sample.interval as given): CPU per sample cycle over a window of whole cycles
    (schedstat of every thread, the discovery child's too), RSS, its self-metrics, and scrape latency
@@ -105,6 +112,7 @@ class Options:
     pss: bool = True
     variants: bool = True  # the cycle with --sample.kept-files 0 and with every file kept, beside the default
     gil: bool = True  # where a scrape would wait: inner.py gil, with and without ScrapesFirst
+    static_server: bool = True  # the same scrapes of a server that only serves the same body
     baseline: str | None = None
     progress: bool = True
 
@@ -412,17 +420,8 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
         # Scrape latency: spread over the scrape window so some scrapes meet a sample cycle,
         # as in production. Gzip, keep-alive.
         window = max(2 * opts.interval, 1.0)
-        gap = window / opts.scrapes
-        latencies, sizes = [], []
-        next_at = time.perf_counter()
-        for _ in range(opts.scrapes):
-            seconds, body, _headers = scraper.get()
-            latencies.append(seconds * 1e3)
-            sizes.append(len(body))
-            next_at += gap
-            delay = next_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+        latencies, sizes = paced_scrapes(scraper, opts.scrapes, window)
+        last_body = scraper.get()[1]
         text = scraper.text()
         status = vm_status(host, pid)
         all_rss_kib = all_pss_kib = 0  # the discovery child's too
@@ -467,9 +466,71 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
             "scrape_ms": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
                           "p99": percentile(latencies, 99), "max": max(latencies), "n": len(latencies)},
             "scrape_gzip_bytes": statistics.median(sizes),
+            "_last_body": last_body,  # for the static server, measured once the exporter is gone
             "plain_bytes": len(text.encode()),
             "self_metrics": self_metrics,
         }
+    finally:
+        scraper.close()
+        stop_service(host, unit)
+
+
+# The HTTP floor of a scrape: the stdlib server the exporter uses, serving a fixed body, with no
+# sample cycle and no self metrics. Side by side with the exporter's scrapes (same client, same
+# pacing), it shows how much of a percentile is the machine and its HTTP stack.
+STATIC_SERVER = """
+import socket, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+body = open(sys.argv[2], "rb").read()
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def setup(self):
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def paced_scrapes(scraper: "Scraper", count: int, window: float) -> tuple[list[float], list[int]]:
+    """``count`` scrapes spread evenly over ``window`` seconds: latencies (ms) and body sizes."""
+    gap = window / count
+    latencies, sizes = [], []
+    next_at = time.perf_counter()
+    for _ in range(count):
+        seconds, body, _headers = scraper.get()
+        latencies.append(seconds * 1e3)
+        sizes.append(len(body))
+        next_at += gap
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    return latencies, sizes
+
+
+def measure_static_server(host: TestHost, body: bytes, opts: Options, window: float) -> dict:
+    script = host.exchange_dir / "static_server.py"
+    script.write_text(STATIC_SERVER)
+    body_file = host.exchange_dir / "static_body.gz"
+    body_file.write_bytes(body)
+    port = free_port()
+    unit = "th-bench-static-server.service"
+    start_service(host, unit, [host.python, str(script), str(port), str(body_file)])
+    scraper = Scraper(port)
+    try:
+        wait_http(port, timeout=60)
+        latencies, _sizes = paced_scrapes(scraper, opts.scrapes, window)
+        return {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
+                "p99": percentile(latencies, 99), "max": max(latencies), "n": len(latencies)}
     finally:
         scraper.close()
         stop_service(host, unit)
@@ -656,6 +717,11 @@ def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path |
                                                f"{size}-pss")
     log(opts, f"{size}: exporter process (interval {opts.interval:g}s)")
     result["exporter"] = measure_exporter(host, size, opts)
+    body = result["exporter"].pop("_last_body")
+    if opts.static_server:
+        log(opts, f"{size}: the HTTP floor (a server serving the same body)")
+        result["exporter"]["static_server_scrape_ms"] = measure_static_server(
+            host, body, opts, max(2 * opts.interval, 1.0))
     if opts.peers:
         log(opts, f"{size}: peers")
         result.update(measure_peers(host, size, opts, trace=opts.trace_peers and is_default))
@@ -821,6 +887,9 @@ def table(results: dict) -> str:
     row("scrape p50", lambda r: r["exporter"]["scrape_ms"]["p50"], " ms")
     row("scrape p99", lambda r: r["exporter"]["scrape_ms"]["p99"], " ms")
     row("scrape max", lambda r: r["exporter"]["scrape_ms"]["max"], " ms")
+    row("HTTP floor: a stdlib server serving the same body, p50 / p99", lambda r: (
+        f'{fmt(r["exporter"]["static_server_scrape_ms"]["p50"], " ms")} / '
+        f'{fmt(r["exporter"]["static_server_scrape_ms"]["p99"], " ms")}'))
     row("scrape body (gzip)", lambda r: r["exporter"]["scrape_gzip_bytes"] / 1024, " KiB")
     row("node_exporter systemd: CPU per scrape", lambda r: r["node_exporter"]["cpu_per_scrape"] * 1e3, " ms")
     row("node_exporter systemd: scrape p50", lambda r: r["node_exporter"]["scrape_ms"]["p50"], " ms")
@@ -900,6 +969,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--no-pss", action="store_true")
     p.add_argument("--no-variants", action="store_true", help="skip the cycle with no file kept and with every file kept")
     p.add_argument("--no-gil", action="store_true", help="skip inner.py gil (where a scrape would wait)")
+    p.add_argument("--no-static-server", action="store_true", help="skip the HTTP floor of a scrape")
     p.add_argument("--baseline", metavar="REV", help="also run the cycle on exporter/ of this git revision")
     p.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the JSON (default %(default)s)")
     p.add_argument("--markdown", default=str(BENCH / "RESULTS.md"), help="where to write the table (default %(default)s)")
@@ -918,6 +988,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         pss=not args.no_pss,
         variants=not args.no_variants,
         gil=not args.no_gil,
+        static_server=not args.no_static_server,
         baseline=args.baseline,
     )
     return opts, args
