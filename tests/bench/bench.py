@@ -835,6 +835,8 @@ def table(results: dict) -> str:
                 cells.append("n/a")
         rows.append((label, cells))
 
+    if any("error" in r for r in results["sizes"].values()):
+        row("**this size failed**", lambda r: r.get("error", "")[:200].replace("|", "/").replace("\n", " "))
     row("processes walked", lambda r: r["processes"])
     row("units reported", lambda r: r["cycle"]["units"])
     for phase in ("discovery", "cgroup", "procfs", "build", "render"):
@@ -917,14 +919,16 @@ def markdown(results: dict) -> str:
 
 def headline(results: dict) -> dict:
     default = results["sizes"].get(results["default_size"])
-    if default is None:
+    if default is None or "ratios" not in default:
         return {key: None for key in HEADLINE_KEYS}
     return {key: default["ratios"].get(key) for key in HEADLINE_KEYS}
 
 
 # --------------------------------------------------------------------------------- main
-def run(host: TestHost, opts: Options) -> dict:
-    """Every size on an already booted host; stops every unit it started."""
+def run(host: TestHost, opts: Options, checkpoint=None) -> dict:
+    """Every size on an already booted host; stops every unit it started. ``checkpoint(results)``
+    is called after each size, so a long run that fails late keeps what it measured; a size that
+    fails is recorded with its error and the run goes on with the next."""
     results: dict = {"machine": machine(), "default_size": opts.default_size, "sizes": {}}
     floor_binary = compile_floor(host) if opts.floor else None
     baseline = baseline_tree(host, opts.baseline) if opts.baseline else None
@@ -936,8 +940,15 @@ def run(host: TestHost, opts: Options) -> dict:
                 log(opts, f"stopping the {previous_procs}-process units before {size}")
                 stop_bench_units(host)
             previous_procs = size.procs
-            results["sizes"][str(size)] = measure_size(host, size, opts, floor_binary, baseline,
-                                                       str(size) == opts.default_size)
+            try:
+                results["sizes"][str(size)] = measure_size(host, size, opts, floor_binary, baseline,
+                                                           str(size) == opts.default_size)
+            except Exception as e:  # noqa: BLE001 - a bench run records a failed size and goes on
+                log(opts, f"{size} failed: {e}")
+                results["sizes"][str(size)] = {"units": size.units, "procs_per_unit": size.procs,
+                                               "error": f"{type(e).__name__}: {e}"[:2000]}
+            if checkpoint is not None:
+                checkpoint(results)
     finally:
         stop_bench_units(host)
     results.update(headline(results))
@@ -1001,14 +1012,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark needs the test host: {reason}", file=sys.stderr)
         return 2
     started = time.monotonic()
+    command = "python3 -m tests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def write(results: dict) -> str:
+        results["command"] = command
+        results["seconds"] = round(time.monotonic() - started, 1)
+        Path(args.json).write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+        text = markdown(results)
+        Path(args.markdown).write_text(text)
+        return text
+
     with TestHost(name="bench") as host:
         log(opts, f"host {host.name} booted in {host.boot_seconds:.1f}s")
-        results = run(host, opts)
-    results["command"] = "python3 -m tests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    results["seconds"] = round(time.monotonic() - started, 1)
-    Path(args.json).write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
-    text = markdown(results)
-    Path(args.markdown).write_text(text)
+        results = run(host, opts, checkpoint=write)
+    results.update(headline(results))
+    text = write(results)
     print(text)
     print(json.dumps(headline(results), indent=1))
     log(opts, f"done in {results['seconds']:.0f}s; wrote {args.json} and {args.markdown}")
