@@ -659,20 +659,21 @@ def measure_cycles(host: TestHost, opts: Options, baseline: str | None) -> dict:
 KEEP_ALL = 1_000_000
 
 
-def check_pid_room(size: Size) -> None:
+def check_pid_room(size: Size, running_bench_processes: int = 0) -> None:
     """Every process and thread takes a PID in the machine's namespace too, so a size must fit
-    in pid_max minus what already runs (10,000 x 3 does, with ~2,500 to spare at 32,768)."""
+    in pid_max minus what already runs (10,000 x 3 does, with ~2,500 to spare at 32,768). The
+    previous size's units, when they have as many processes, are kept and count for this one."""
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     running = sum(len(os.listdir(f"/proc/{p}/task")) for p in os.listdir("/proc") if p.isdigit()
-                  and os.path.isdir(f"/proc/{p}/task"))
+                  and os.path.isdir(f"/proc/{p}/task")) - running_bench_processes
     wanted = size.units * size.procs
     if wanted + running + 1000 > pid_max:  # the margin: systemd's, the exporter's and the peers' own
         raise HostError(f"{size}: {wanted} processes do not fit: pid_max {pid_max}, {running} tasks running")
 
 
 def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path | None, baseline: str | None,
-                 is_default: bool) -> dict:
-    check_pid_room(size)
+                 is_default: bool, running_bench_processes: int = 0) -> dict:
+    check_pid_room(size, running_bench_processes)
     log(opts, f"{size}: starting units")
     started = time.monotonic()
     workloads.batch(host, size.units, procs=size.procs, prefix=PREFIX, timeout=1200)
@@ -933,16 +934,17 @@ def run(host: TestHost, opts: Options, checkpoint=None) -> dict:
     floor_binary = compile_floor(host) if opts.floor else None
     baseline = baseline_tree(host, opts.baseline) if opts.baseline else None
     results["baseline_revision"] = opts.baseline
-    previous_procs = None
+    previous_procs, previous_units = None, 0
     try:
         for size in opts.sizes:
             if previous_procs is not None and size.procs != previous_procs:
                 log(opts, f"stopping the {previous_procs}-process units before {size}")
                 stop_bench_units(host)
-            previous_procs = size.procs
+            running = previous_units * size.procs if previous_procs == size.procs else 0
+            previous_procs, previous_units = size.procs, size.units
             try:
                 results["sizes"][str(size)] = measure_size(host, size, opts, floor_binary, baseline,
-                                                           str(size) == opts.default_size)
+                                                           str(size) == opts.default_size, running)
             except Exception as e:  # noqa: BLE001 - a bench run records a failed size and goes on
                 log(opts, f"{size} failed: {e}")
                 results["sizes"][str(size)] = {"units": size.units, "procs_per_unit": size.procs,
