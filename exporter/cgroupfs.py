@@ -14,6 +14,7 @@ Semantics (Documentation/admin-guide/cgroup-v1/memory.rst, cgroup-v2.rst):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from enum import Enum
 
@@ -42,12 +43,22 @@ def parse_v1_limit(text: str) -> int | None:
     return None if number >= V1_UNLIMITED_THRESHOLD else number
 
 
+# A flat keyed file as the kernel prints it: "key value" lines, keys of [A-Za-z0-9_], values of
+# ASCII digits. Only such a text takes parse_flat_keyed's fast path (one split, one dict).
+_WELL_FORMED_FLAT_KEYED = re.compile(r"(?:[A-Za-z0-9_]+ [0-9]+\n)*(?:[A-Za-z0-9_]+ [0-9]+)?")
+
+
 def parse_flat_keyed(text: str, skipped: list[str] | None = None) -> dict[str, int]:
     """Flat keyed files: one "key value" pair a line (memory.stat, memory.events, oom_control).
 
     A malformed line raises ParseError, or, when ``skipped`` is given, is appended to it and
     left out: one odd key (a wrapped counter, say) must not hide the rest of memory.stat.
     """
+    # memory.stat (42 lines on v1) for every unit each cycle: the line loop below cost ~15 us a
+    # file; a text the pattern accepts gives the loop's result in one split (tests/bench).
+    if _WELL_FORMED_FLAT_KEYED.fullmatch(text):
+        parts = text.split()
+        return dict(zip(parts[::2], map(int, parts[1::2])))
     values: dict[str, int] = {}
     for line in text.splitlines():
         if not line:

@@ -4,7 +4,7 @@ builders of exporter/memory.py, every failure through the error boundary."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from . import memory as memfiles
 from .cgroupfs import Layout, MemoryVersion, cgroup_path
@@ -12,13 +12,14 @@ from .errorlog import CycleErrors
 from .kernelfiles import VANISHED, read_text
 
 
-def read_files(directory: str, names: Iterable[str], errors: CycleErrors) -> dict[str, str] | None:
+def read_files(directory: str, names: Iterable[str], errors: CycleErrors,
+               read: Callable[[str], str] = read_text) -> dict[str, str] | None:
     """Texts of the files that exist; None when the directory itself is gone."""
     texts = {}
     for name in names:
         path = f"{directory}/{name}"
         try:
-            texts[name] = read_text(path)
+            texts[name] = read(path)
         except OSError as e:
             if errors.read_failed("cgroup", path, e) == VANISHED and not os.path.isdir(directory):
                 return None
@@ -29,9 +30,11 @@ def read_files(directory: str, names: Iterable[str], errors: CycleErrors) -> dic
 class CgroupReader:
     """One per cycle: its failed reads are that cycle's (``errors``)."""
 
-    def __init__(self, layout: Layout, errors: CycleErrors):
+    def __init__(self, layout: Layout, errors: CycleErrors, read: Callable[[str], str] = read_text):
         self.layout = layout
         self.errors = errors
+        # read_text, or a KeptFiles' (exporter/keptfiles.py): descriptors kept across cycles.
+        self._read = read
         if layout.memory_version is MemoryVersion.V2:
             self._files, self._build = memfiles.V2_FILES, memfiles.memory_from_v2
         else:
@@ -41,7 +44,7 @@ class CgroupReader:
         if self.layout.memory_root is None:
             return None
         directory = cgroup_path(self.layout.memory_root, cgroup)
-        texts = read_files(directory, self._files, self.errors)
+        texts = read_files(directory, self._files, self.errors, self._read)
         if texts is None or not texts:
             # v1: no memory cgroup for units without MemoryAccounting; or the unit just went.
             return None
@@ -49,7 +52,7 @@ class CgroupReader:
         memory = self._build(texts, problems)
         if self.layout.pressure_root is not None:
             pressure_texts = read_files(
-                cgroup_path(self.layout.pressure_root, cgroup), (memfiles.PRESSURE_FILE,), self.errors
+                cgroup_path(self.layout.pressure_root, cgroup), (memfiles.PRESSURE_FILE,), self.errors, self._read
             )
             memory = memory.with_pressure(memfiles.parse_pressure_file(pressure_texts or {}, problems))
         # One count per bad file, however many of its lines were bad.

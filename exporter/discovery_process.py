@@ -6,22 +6,43 @@ $SYSTEMD_BUS_TIMEOUT bounds method calls only). In a thread that would freeze ev
 the exporter, /metrics included. A child can hang alone: the sampler goes on with the last
 known units, and a child that hangs too long is killed and started again.
 
-Protocol: the parent writes "refresh\\n"; the child answers one JSON line. The child exits
-when its stdin closes (the parent went away).
+Protocol: the parent writes "refresh\\n"; the child answers a JSON header line ({"ok",
+"transport", "chunks": K} or {"ok": false, "error"}) and K lines of at most CHUNK_UNITS units
+each (JSON arrays of Unit fields). The parent parses one chunk at a time, with a pause point for
+scrapes between chunks: one json.loads of 3,000 units held the GIL for ~11 ms here, long enough
+for a scrape to wait on it. (A header with "units" holds them itself, in one line.) The child
+exits when its stdin closes (the parent went away).
+
+Memory: a fresh interpreter for the child costs its own ~14 MiB of anonymous memory. So at
+start, while the exporter is still one thread, ``fork_first_child()`` forks the first child
+from the exporter itself: it shares the exporter's interpreter pages copy-on-write
+(gc.freeze() first, so the collector does not write to every object and unshare them). A
+child that dies or hangs is replaced by a fresh interpreter as before: forking from the
+exporter then would be unsafe (it has threads by then, whose locks a child would inherit
+held). A fork server kept for later children was tried and measured: it keeps the old copy
+of every page the exporter writes after the fork, so it cost as much as a fresh child.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import select
 import selectors
+import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import astuple
 
 from .systemd import Discovery, DiscoveryError, DiscoveryResult, Unit, UnitFilter
+
+# Units per line of an answer: json.loads of one line holds the GIL for ~0.4 ms here.
+CHUNK_UNITS = 100
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +53,23 @@ class DiscoveryProcess:
 
     def __init__(self, include: str, exclude: str, types: list[str], private_socket: str, timeout: float,
                  user_units_root: str | None = None):
-        self._argv = [
-            sys.executable, "-m", "exporter.discovery_process",
-            json.dumps({"include": include, "exclude": exclude, "types": types,
+        self._config = {"include": include, "exclude": exclude, "types": types,
                         "private_socket": private_socket, "timeout": timeout,
                         "user_units_root": user_units_root,
-                        "log_level": logging.getLogger().getEffectiveLevel()}),
-        ]
+                        "log_level": logging.getLogger().getEffectiveLevel()}
+        self._argv = [sys.executable, "-m", "exporter.discovery_process", json.dumps(self._config)]
         # Past this, a refresh is not slow but stuck: kill the child and start another.
         self.hang_limit = max(30.0, 10 * timeout)
         self._proc: subprocess.Popen | None = None
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._expected: int | None = None  # lines in the answer being read, once its header is in
         self._pending_since: float | None = None
         self._result = DiscoveryResult((), False, "not yet discovered", None, "none")
         self._logged_down = False
 
-    def request(self, wait: float) -> DiscoveryResult:
-        """A fresh unit list if the child answers within ``wait`` seconds, else the last one."""
+    def request(self, wait: float, pause: Callable[[], None] = lambda: None) -> DiscoveryResult:
+        """A fresh unit list if the child answers within ``wait`` seconds, else the last one.
+        ``pause`` is called between the chunks of an answer (the sampler's scrape pause point)."""
         if self._proc is None or self._proc.poll() is not None:
             self._spawn()
         if self._pending_since is None:
@@ -61,24 +82,28 @@ class DiscoveryProcess:
             self._pending_since = time.monotonic()
         else:
             wait = 0  # asked in an earlier cycle and still hanging: look, don't wait again
-        line = self._read_line(wait)
-        if line is None and self._pending_since is None:  # the child died mid-answer
+        lines = self._read_reply(wait)
+        if lines is None and self._pending_since is None:  # the child died mid-answer
             return self._failed("discovery process exited; starting another at the next cycle")
-        if line is None:
+        if lines is None:
             overdue = time.monotonic() - self._pending_since
             if overdue > self.hang_limit:
                 log.error("discovery process stuck for %.0fs, restarting it", overdue)
                 self._kill()
             return self._stale(f"D-Bus has not answered for {overdue:.0f}s")
         self._pending_since = None
-        reply = json.loads(line)
+        reply = json.loads(lines[0])
         if not reply["ok"]:
             return self._failed(reply["error"], reply["transport"])
         if self._logged_down:
             log.info("systemd is reachable again over the %s", reply["transport"].replace("_", " "))
             self._logged_down = False
+        units = [Unit(*fields) for fields in reply.get("units", ())]
+        for chunk in lines[1:]:
+            pause()
+            units.extend(Unit(*fields) for fields in json.loads(chunk))
         self._result = DiscoveryResult(
-            tuple(Unit(*fields) for fields in reply["units"]), True, "", time.time(), reply["transport"],
+            tuple(units), True, "", time.time(), reply["transport"],
             tree_failures=tuple(tuple(f) for f in reply.get("tree_failures", ())),
         )
         return self._result
@@ -95,12 +120,19 @@ class DiscoveryProcess:
         last = self._result
         return DiscoveryResult(last.units, False, message, last.refreshed_at, last.transport, "timeout")
 
-    def _read_line(self, timeout: float) -> bytes | None:
+    def _read_reply(self, timeout: float) -> list[bytearray] | None:
+        """The lines of one answer (its header, then the chunks it announces), or None when they
+        are not all in within ``timeout``: what came stays buffered for the next call."""
         deadline = time.monotonic() + timeout
         stdout = self._proc.stdout.fileno()
         with selectors.DefaultSelector() as selector:
             selector.register(stdout, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
+            while True:
+                if self._expected is None and b"\n" in self._buffer:
+                    header = self._buffer[: self._buffer.index(b"\n")]
+                    self._expected = 1 + json.loads(header).get("chunks", 0)
+                if self._expected is not None and self._buffer.count(b"\n") >= self._expected:
+                    break
                 if not selector.select(max(deadline - time.monotonic(), 0)):
                     return None
                 chunk = os.read(stdout, 1 << 20)
@@ -108,14 +140,55 @@ class DiscoveryProcess:
                     self._kill()
                     return None
                 self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
+        lines = self._buffer.split(b"\n", self._expected)
+        self._buffer = bytearray(lines.pop())  # what follows the answer: nothing, normally
+        self._expected = None
+        return lines
+
+    def fork_first_child(self) -> bool:
+        """Fork the first child from this process (see the module's docstring). Call it once,
+        while the process has one thread; False when it could not (the first request then
+        starts a fresh interpreter)."""
+        if self._proc is not None or not hasattr(os, "pidfd_open"):
+            return False
+        config = dict(self._config, log_level=logging.getLogger().getEffectiveLevel())
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        gc.freeze()  # what exists now stays shared: the collector never writes to it again
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.warning("cannot fork the discovery child (%s); it will be a new interpreter", e)
+            for fd in (requests_r, requests_w, replies_r, replies_w):
+                os.close(fd)
+            return False
+        if pid == 0:  # the child
+            code = 1
+            try:
+                os.close(requests_w)
+                os.close(replies_r)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                with os.fdopen(requests_r, "rb") as requests, os.fdopen(replies_w, "w") as replies:
+                    serve(config, requests, replies)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(requests_r)
+        os.close(replies_w)
+        self._proc = ForkedChild(pid, requests_w, replies_r, os.pidfd_open(pid))
+        self._buffer = bytearray()
+        self._expected = None
+        self._pending_since = None
+        return True
 
     def _spawn(self) -> None:
         if self._proc is not None:
             log.warning("discovery process exited with %s, starting another", self._proc.returncode)
         self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._expected = None
         self._pending_since = None
 
     def _kill(self) -> None:
@@ -124,6 +197,8 @@ class DiscoveryProcess:
             self._proc.wait()
             self._proc = None
         self._pending_since = None
+        self._buffer = bytearray()
+        self._expected = None
 
     def interrupt(self) -> None:
         """The one call for another thread: kill the child, so that a request waiting on it
@@ -144,20 +219,93 @@ class DiscoveryProcess:
                 self._kill()
 
 
-def serve(config: dict) -> None:
-    """The child's side: one refresh per request line, one JSON answer per refresh."""
+class ForkedChild:
+    """The forked discovery child: the part of Popen that DiscoveryProcess uses, watched and
+    signalled through a pidfd (no race with a reused PID)."""
+
+    def __init__(self, pid: int, stdin_fd: int, stdout_fd: int, pidfd: int):
+        self.pid = pid
+        self.stdin = os.fdopen(stdin_fd, "wb")
+        self.stdout = os.fdopen(stdout_fd, "rb", buffering=0)
+        self._pidfd = pidfd
+        self.returncode: int | str | None = None
+
+    def poll(self) -> int | str | None:
+        if self.returncode is None and _readable(self._pidfd, 0):
+            self._exited()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | str:
+        if self.returncode is None:
+            if not _readable(self._pidfd, timeout):
+                raise subprocess.TimeoutExpired("discovery child", timeout)
+            self._exited()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _exited(self) -> None:
+        try:
+            _pid, status = os.waitpid(self.pid, 0)  # exited, so this does not block
+            self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            self.returncode = "an unknown status"
+        os.close(self._pidfd)
+        self._pidfd = -1
+        for pipe in (self.stdin, self.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """poll(), not select(): the exporter keeps thousands of descriptors (exporter/keptfiles.py),
+    and select() cannot take one numbered above 1023."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def _give_back_free_memory() -> None:
+    """After each answer: collect, and let glibc return what it holds free. Measured at 1,000
+    units in the test host: RssAnon 16.1 MiB after eight refreshes without, 14.3 MiB with
+    (it stops growing after the second). The child's own CPU, between cycles."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):  # no _ctypes, or not glibc
+        pass
+
+
+def serve(config: dict, requests=None, replies=None) -> None:
+    """The child's side: one refresh per request line (``requests``, binary; stdin), one JSON
+    answer per refresh (``replies``, text; stdout)."""
     logging.basicConfig(level=config["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    requests = requests if requests is not None else sys.stdin.buffer
+    replies = replies if replies is not None else sys.stdout
     unit_filter = UnitFilter.build(config["include"], config["exclude"], config["types"])
     discovery = Discovery(unit_filter, config["private_socket"], config["timeout"], config.get("user_units_root"))
-    for _request in sys.stdin.buffer:
+    for _request in requests:
+        chunks: list[list[tuple]] = []
         try:
-            units = discovery.refresh()
-            reply = {"ok": True, "transport": discovery.transport, "units": [astuple(u) for u in units],
+            rows = [astuple(u) for u in discovery.refresh()]
+            chunks = [rows[i:i + CHUNK_UNITS] for i in range(0, len(rows), CHUNK_UNITS)]
+            reply = {"ok": True, "transport": discovery.transport, "chunks": len(chunks),
                      "tree_failures": discovery.tree_failures}
         except DiscoveryError as e:
             reply = {"ok": False, "transport": discovery.transport, "error": str(e)}
-        sys.stdout.write(json.dumps(reply, separators=(",", ":")) + "\n")
-        sys.stdout.flush()
+        replies.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in [reply, *chunks]))
+        replies.flush()
+        del chunks
+        _give_back_free_memory()
     discovery.close()
 
 

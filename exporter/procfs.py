@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .cgroupfs import cgroup_path, child_cgroups, minimal_roots, parse_procs_bytes
 from .errorlog import CycleErrors
@@ -115,10 +115,14 @@ class ProcessWalker:
     cycle: its failed reads are that cycle's (``errors``).
     """
 
-    def __init__(self, procs_root: str, procfs: str, errors: CycleErrors):
+    def __init__(self, procs_root: str, procfs: str, errors: CycleErrors,
+                 read: Callable[[str | bytes], bytes] = read_bytes, pause: Callable[[], None] = lambda: None):
         self.procs_root = procs_root
         self.procfs = procfs
         self.errors = errors
+        # read_bytes, or a KeptFiles' (exporter/keptfiles.py): descriptors kept across cycles.
+        self._read = read
+        self._pause = pause  # once per cgroup: where a running scrape goes first (service.py)
         self._status = os.fsencode(procfs) + b"/%d/status"
         # hidepid=invisible makes another user's /proc/PID look like a process that exited.
         # kill(pid, 0) tells them apart, but only for a procfs of our own PID namespace.
@@ -150,9 +154,10 @@ class ProcessWalker:
         """``listed``: the directory was seen in its parent's listing, so its absence now means
         it vanished mid-walk. A unit's own path may never have existed (systemd names a
         ControlGroup for idle sockets and mounts that have no directory): no cgroup, no count."""
+        self._pause()
         directory = cgroup_path(self.procs_root, cgroup)
         try:
-            pids = parse_procs_bytes(read_bytes(directory + "/cgroup.procs"))
+            pids = parse_procs_bytes(self._read(directory + "/cgroup.procs"))
             children = child_cgroups(directory)
         except (OSError, ParseError) as e:
             # A parse error names the file; an OSError may come from the listing too.
@@ -162,6 +167,7 @@ class ProcessWalker:
             return None
         count, anon, file, shmem, swap = 0, 0, 0, 0, 0
         status = self._status
+        read = self._read
         for pid in pids:
             # PID 0: a process outside our PID namespace (a container's launcher); it has no
             # /proc entry here, so it is not one of the processes we can see.
@@ -169,7 +175,7 @@ class ProcessWalker:
                 continue
             count += 1
             try:
-                pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(read_bytes(status % pid))
+                pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(read(status % pid))
             except (OSError, ParseError) as e:
                 if self.errors.read_failed("procfs", f"{self.procfs}/PID/status", e) == VANISHED:
                     if self._hidden(pid):

@@ -9,6 +9,7 @@ source down instead.
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from types import MappingProxyType
 from .cgroupfs import Layout, detect_layout
 from .cgroupreader import CgroupReader
 from .errorlog import CycleErrors, ErrorLog
+from .keptfiles import DEFAULT_KEPT_FILES, KeptFiles, default_limit
 from .procfs import ProcessTotals, ProcessWalker
 from .pss import DEFAULT_BUDGET, DEFAULT_MAX_RSS, PssCollector
 from .snapshot import Snapshot, SourceHealth, UnitSample
@@ -34,20 +36,27 @@ class SamplerConfig:
     pss: bool = False
     pss_budget: float = DEFAULT_BUDGET
     pss_max_rss: int = DEFAULT_MAX_RSS
+    # --sample.kept-files: descriptors of cgroup and status files kept open across cycles,
+    # within the descriptor limit (exporter/keptfiles.py); 0 opens and closes every file.
+    kept_files: int = DEFAULT_KEPT_FILES
 
 
 class Sampler:
     """Builds snapshots. ``sample()`` must always be called from the same thread."""
 
-    def __init__(self, config: SamplerConfig, discover: Callable[[], DiscoveryResult]):
+    def __init__(self, config: SamplerConfig, discover: Callable[[], DiscoveryResult],
+                 pause: Callable[[], None] = lambda: None):
         self.config = config
         self.discover = discover
+        # Called between units and cgroups: where a running scrape goes first (service.py).
+        self.pause = pause
         self.errors = ErrorLog()
         self.samples_total = 0
         self._last_success: dict[str, float] = {}
         self.pss = (
             PssCollector(config.procfs, config.pss_budget, config.pss_max_rss, errors=self.errors) if config.pss else None
         )
+        self.files = KeptFiles(default_limit(config.kept_files, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
 
     def sample(self) -> Snapshot:
         started_wall, started_cpu = time.time(), time.thread_time()
@@ -71,13 +80,18 @@ class Sampler:
         for reason, where, message in found.tree_failures:  # the user-unit walk's, in discovery
             cycle.error("cgroup", reason, where, message)
         layout = detect_layout(self.config.cgroupfs)
-        reader = CgroupReader(layout, cycle)
+        reader = CgroupReader(layout, cycle, self.files.read_text)
         # Keyed by Unit.key: a user's dbus.service is not the system's.
-        memories = {u.key: reader.memory(u.control_group) for u in found.units}
+        memories = {}
+        pause = self.pause
+        for u in found.units:
+            pause()
+            memories[u.key] = reader.memory(u.control_group)
         phase("cgroup")
 
-        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle)
+        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle, self.files.read_bytes, pause)
         totals = walker.totals(u.control_group for u in found.units) if layout.procs_root else {}
+        self.files.end_cycle()
         phase("procfs")
 
         pss: dict[str, tuple[int, int] | None] = {}

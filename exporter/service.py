@@ -6,10 +6,12 @@ already rendered and compressed, so its cost is a copy.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .render import DEFAULT_BUDGET, SeriesBudget, render
@@ -34,9 +36,59 @@ class Published:
         return gzip.decompress(self.body_gzip)
 
 
-def publish(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET) -> Published:
+class ScrapesFirst:
+    """While a scrape is being answered, the sampler thread waits at its next pause point.
+
+    Threads share one GIL. A scrape that meets a sample cycle used to wait for it after each
+    of its own releases (every read, every send), up to the 1 ms switch interval each time, and
+    longer where the cycle held it in C (tests/bench/inner.py gil measures where). So the scrape
+    says it is running (``scrape()``), and the cycle, at each pause point (per unit and per
+    cgroup, between chunks of the discovery answer), waits until no scrape runs: the scrape
+    gets the GIL, and the core, back at its next release. A scrape that takes longer than
+    ``max_wait`` (a client reading slowly is outside it: the send is) stops holding the cycle
+    up for the rest of that cycle.
+    """
+
+    def __init__(self, max_wait: float = 0.05):
+        self._lock = threading.Lock()
+        self._running = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._max_wait = max_wait
+        self._patient = True  # until a scrape outlasts max_wait in this cycle
+        self.paused_seconds = 0.0  # how long cycles waited for scrapes, in all
+
+    @contextlib.contextmanager
+    def scrape(self) -> Iterator[None]:
+        with self._lock:
+            self._running += 1
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
+
+    def pause_point(self) -> None:
+        """Called by the sampler thread between units; returns at once when no scrape runs."""
+        if self._running and self._patient:
+            started = time.perf_counter()
+            self._patient = self._idle.wait(self._max_wait)
+            self.paused_seconds += time.perf_counter() - started
+
+    def new_cycle(self) -> None:
+        self._patient = True
+
+
+def _no_pause() -> None:
+    pass
+
+
+def publish(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET, pause: Callable[[], None] = _no_pause) -> Published:
     started = time.perf_counter()
-    body = render(snapshot, budget)
+    body = render(snapshot, budget, pause)
     # Compressed here, once per snapshot, rather than per scrape; level 5 is near gzip's
     # default ratio for metric text at about half its CPU.
     body_gzip = gzip.compress(body, compresslevel=5, mtime=0)
@@ -52,7 +104,9 @@ class SampleLoop:
         self.budget = budget
         self.dbus_timeout = dbus_timeout
         self._discovery = discovery
-        self._sampler = Sampler(config, lambda: discovery.request(wait=dbus_timeout + 1))
+        self.scrapes_first = ScrapesFirst()
+        pause = self.scrapes_first.pause_point
+        self._sampler = Sampler(config, lambda: discovery.request(wait=dbus_timeout + 1, pause=pause), pause)
         self._latest: Published | None = None
         self._generation = 0  # cycles ended
         self._sampling = False  # a cycle is under way
@@ -80,6 +134,10 @@ class SampleLoop:
                 self._thread.join(5.0)
         elif self._thread.ident is None:  # never started
             self._discovery.stop()
+
+    def open_descriptors(self) -> int | None:
+        """The process's open descriptors at the end of the last cycle (None before one)."""
+        return self._sampler.files.open_descriptors
 
     def latest(self, wait: float = 0.0) -> Published | None:
         """The latest snapshot; with interval 0, a fresh one (waiting up to ``wait`` seconds)."""
@@ -116,7 +174,8 @@ class SampleLoop:
                 self._sampling = True
             published = None
             try:
-                published = publish(self._sampler.sample(), self.budget)
+                self.scrapes_first.new_cycle()
+                published = publish(self._sampler.sample(), self.budget, self.scrapes_first.pause_point)
             except Exception:  # a bug must not end sampling: log it and keep the last snapshot
                 log.exception("sample cycle failed; serving the previous snapshot")
             with self._changed:

@@ -31,7 +31,7 @@ class FixtureDiscovery:
     def __init__(self, units: tuple[Unit, ...]):
         self._result = DiscoveryResult(units, True, "", 1.0, "system_bus")
 
-    def request(self, wait: float) -> DiscoveryResult:
+    def request(self, wait: float, pause=None) -> DiscoveryResult:
         return self._result
 
     def interrupt(self) -> None:

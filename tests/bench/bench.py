@@ -1,7 +1,7 @@
 """Benchmark: the exporter's cost against the C floor of the files it reads and against its peers,
 on the real-systemd test host, for several numbers of units. Run as root:
 
-    python3 -m tests.bench                       # 100x10, 1000x10, 3000x3 units x processes
+    python3 -m tests.bench                       # 100x10, 1000x10, 3000x3, 10000x3 units x processes
     python3 -m tests.bench --sizes 1000x10 --baseline HEAD   # side by side with a git revision
 
 It boots a TestHost, starts N units of M processes each (workloads.batch), and for each size:
@@ -11,9 +11,16 @@ It boots a TestHost, starts N units of M processes each (workloads.batch), and f
    (thread_time) and wall stamps at the phase edges: discovery, cgroup, procfs, build, render.
    With --baseline REV the same driver runs on that revision's exporter/, interleaved (A B A B),
    so before/after ratios come from one run on one machine state.
-2. the floor: inner.py runs one cycle under strace; the openat/stat/getdents64 calls of that
-   cycle are replayed by floor.c (compiled here with gcc) as one open+read+close per file, one
-   open+getdents64+close per listed directory, one stat per stat. ours / floor compares CPU.
+   The same driver also runs with --sample.kept-files 0 (every file opened, read and closed)
+   and with every file kept, beside the default cap, with the kernel memory the kept
+   descriptors hold (the driver's cgroup kmem); and inner.py gil times how long a scrape
+   stand-in waits for the GIL while cycles run, by phase, with and without ScrapesFirst.
+2. the floors: inner.py runs one cycle under strace -y; the files that cycle read (an openat,
+   or a pread64 at offset 0 of a kept descriptor), its directory listings and stats are
+   replayed by floor.c (compiled here with gcc) twice: open+read+close per file (one
+   open+getdents64+close per listed directory, one stat per stat), and through descriptors
+   opened once beforehand and read again from offset 0 (pread; lseek+getdents64), the floor
+   of a cycle that keeps its descriptors. ours / floor compares CPU.
 3. the exporter as a real process (python3 -m exporter, as a transient unit with CPU
    accounting, --sample.interval as given): CPU per sample cycle over a window of whole cycles
    (schedstat of every thread, the discovery child's too), RSS, its self-metrics, and scrape latency
@@ -63,13 +70,16 @@ PREFIX = "th-bench"
 # The keys the README quotes, for the default size; the smoke test checks every one exists.
 HEADLINE_KEYS = (
     "sample_vs_floor",
+    "sample_vs_kept_floor",
     "scrape_p99_ms",
     "cpu_vs_process_exporter",
     "scrape_vs_node_exporter",
     "exporter_rss_mib",
     "core_share_at_15s",
     "floor_seconds",
+    "kept_floor_seconds",
     "sample_cpu_seconds",
+    "exporter_pss_with_discovery_child_mib",
 )
 
 
@@ -89,7 +99,7 @@ class Size:
 
 @dataclass
 class Options:
-    sizes: list[Size] = field(default_factory=lambda: [Size(100, 10), Size(1000, 10), Size(3000, 3)])
+    sizes: list[Size] = field(default_factory=lambda: [Size(100, 10), Size(1000, 10), Size(3000, 3), Size(10000, 3)])
     default_size: str = "1000x10"
     cycles: int = 8
     interval: float = 15.0
@@ -100,6 +110,9 @@ class Options:
     trace_peers: bool = True
     floor: bool = True
     pss: bool = True
+    variants: bool = True  # the cycle with --sample.kept-files 0 and with every file kept, beside the default
+    gil: bool = True  # where a scrape would wait: inner.py gil, with and without ScrapesFirst
+    static_server: bool = True  # the same scrapes of a server that only serves the same body
     baseline: str | None = None
     progress: bool = True
 
@@ -124,7 +137,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def inner_json(host: TestHost, args: list[str], pythonpath: str, timeout: float = 900) -> dict:
-    result = host.run([host.python, str(INNER), *args], env={"PYTHONPATH": pythonpath}, timeout=timeout)
+    """inner.py as a transient service of the host's systemd, as the exporter runs: its own
+    cgroup (whose kernel memory it reports) and a descriptor limit a service gets."""
+    result = host.run(["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "-p", "MemoryAccounting=yes",
+                       "-p", "LimitNOFILE=524288", f"--setenv=PYTHONPATH={pythonpath}", f"--working-directory={REPO}",
+                       host.python, str(INNER), *args], timeout=timeout)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -259,12 +276,25 @@ def compile_floor(host: TestHost) -> Path | None:
     return binary
 
 
-_SYSCALL = re.compile(r'^\d+\s+(openat|open|newfstatat|stat|lstat|statx)\((?:AT_FDCWD, |\d+, )?"((?:[^"\\]|\\.)*)"(.*)$')
+# strace -y: every fd argument and result carries its path ("3</proc/12/status>").
+_FD = r"(?:AT_FDCWD|\d+)(?:<(?:[^>\\]|\\.)*>)?, "
+_SYSCALL = re.compile(r'^\d+\s+(openat|open|newfstatat|stat|lstat|statx)\((?:' + _FD + r')?"((?:[^"\\]|\\.)*)"(.*)$')
+# A read of a kept descriptor from its start (the exporter's descriptor cache): a file read.
+_PREAD = re.compile(r'^\d+\s+pread64\(\d+<((?:[^>\\]|\\.)*)>, .*, 0\) = ')
+TRACED = "trace=openat,open,newfstatat,stat,lstat,statx,pread64"
+
+
+def _unescape(path: str) -> str:
+    return path.encode("latin-1").decode("unicode_escape")  # strace escapes "\" as "\\"
 
 
 def strace_ops(trace: str) -> dict[str, list[str]]:
     """floor.c operations for the syscalls of the cycle that inner.py record marked, by phase:
-    "cgroup" (with the little before it), "procfs", and "build" (whatever follows)."""
+    "cgroup" (with the little before it), "procfs", and "build" (whatever follows).
+
+    A file is one F whether the cycle opened it or read it again through a kept descriptor
+    (pread64 at offset 0): the floors replay the files a cycle reads, however it reads them.
+    """
     ops: dict[str, list[str]] = {"cgroup": [], "procfs": [], "build": []}
     phase = None  # the warm-up cycles before "begin" pass the procfs markers too: ignored
     for line in trace.splitlines():
@@ -278,6 +308,8 @@ def strace_ops(trace: str) -> dict[str, list[str]]:
             phase = "procfs"
         elif '"/BENCH-MARK-procfs-end"' in line:
             phase = "build"
+        elif (kept := _PREAD.match(line)) is not None:
+            ops[phase].append("F " + _unescape(kept.group(1)))
         else:
             m = _SYSCALL.match(line)
             if not m:
@@ -285,7 +317,7 @@ def strace_ops(trace: str) -> dict[str, list[str]]:
             call, path, rest = m.groups()
             if not path:  # fstatat(fd, "") of an open directory: part of scandir, not a file of ours
                 continue
-            path = path.encode("latin-1").decode("unicode_escape")  # strace escapes "\" as "\\"
+            path = _unescape(path)
             if call in ("openat", "open"):
                 ops[phase].append(("D " if "O_DIRECTORY" in rest else "F ") + path)
             else:
@@ -309,17 +341,23 @@ def classify(ops: list[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def run_floor(host: TestHost, binary: Path, ops: list[str], name: str, repeat: int = 9) -> dict:
+def run_floor(host: TestHost, binary: Path, ops: list[str], name: str, repeat: int = 9, mode: str = "open") -> dict:
+    """floor.c over ``ops``: mode "open" opens, reads and closes every file; "kept" opens them
+    once, untimed, and times reads from offset 0 of the kept descriptors (pread)."""
     listing = host.exchange_dir / f"ops-{name}.txt"
     listing.write_text("".join(op + "\n" for op in ops))
-    out = json.loads(host.run([str(binary), str(listing), str(repeat)], timeout=600).stdout)
-    return {"cpu": statistics.median(out["cpu_seconds"]), "wall": statistics.median(out["wall_seconds"]),
-            "ops": out["ops"], "failed_opens": out["failed"]}
+    out = json.loads(host.run([str(binary), str(listing), str(repeat), mode], timeout=600).stdout)
+    result = {"cpu": statistics.median(out["cpu_seconds"]), "wall": statistics.median(out["wall_seconds"]),
+              "ops": out["ops"], "failed_opens": out["failed"]}
+    if mode == "kept":
+        result["slab_added_kib"] = out["slab_added_kib"]
+        result["kept"] = out["kept"]  # as many as the descriptor limit allowed
+    return result
 
 
 def measure_floor(host: TestHost, binary: Path, pythonpath: str, tag: str) -> dict:
     trace = host.exchange_dir / f"trace-{tag}.txt"
-    host.run(["strace", "-f", "-qq", "-e", "trace=openat,open,newfstatat,stat,lstat,statx", "-o", str(trace),
+    host.run(["strace", "-f", "-qq", "-y", "-e", TRACED, "-o", str(trace),
               host.python, str(INNER), "record"], env={"PYTHONPATH": pythonpath}, timeout=900)
     phases = strace_ops(trace.read_text())
     trace.unlink()
@@ -328,6 +366,11 @@ def measure_floor(host: TestHost, binary: Path, pythonpath: str, tag: str) -> di
     floor["reads"] = classify(ops)
     floor["procfs_phase"] = run_floor(host, binary, phases["procfs"], tag + "-procfs")
     floor["cgroup_phase"] = run_floor(host, binary, phases["cgroup"], tag + "-cgroup")
+    # The second floor: the same files through descriptors kept open across cycles.
+    kept = run_floor(host, binary, ops, tag + "-kept", mode="kept")
+    kept["procfs_phase"] = run_floor(host, binary, phases["procfs"], tag + "-kept-procfs", mode="kept")
+    kept["cgroup_phase"] = run_floor(host, binary, phases["cgroup"], tag + "-kept-cgroup", mode="kept")
+    floor["kept"] = kept
     # The cheaper file the issue asks about: statm in place of status. Not the same figures
     # (statm has no RssFile/RssShmem split and no swap); shown for what it would save.
     statm = [op[: -len("status")] + "statm" if op.startswith("F /proc/") and op.endswith("/status") else op for op in ops]
@@ -378,17 +421,8 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
         # Scrape latency: spread over the scrape window so some scrapes meet a sample cycle,
         # as in production. Gzip, keep-alive.
         window = max(2 * opts.interval, 1.0)
-        gap = window / opts.scrapes
-        latencies, sizes = [], []
-        next_at = time.perf_counter()
-        for _ in range(opts.scrapes):
-            seconds, body, _headers = scraper.get()
-            latencies.append(seconds * 1e3)
-            sizes.append(len(body))
-            next_at += gap
-            delay = next_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+        latencies, sizes = paced_scrapes(scraper, opts.scrapes, window)
+        last_body = scraper.get()[1]
         text = scraper.text()
         status = vm_status(host, pid)
         all_rss_kib = all_pss_kib = 0  # the discovery child's too
@@ -405,6 +439,10 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
         memory_cgroup = host.path(f"/sys/fs/cgroup/memory{cgroup}")
         unit_stat = dict(line.split() for line in (memory_cgroup / "memory.stat").read_text().splitlines())
         unit_usage = int((memory_cgroup / "memory.usage_in_bytes").read_text())
+        # Kernel memory charged to the unit (v1 kmem): kept descriptors hold a seq_file page each.
+        kmem_file = memory_cgroup / "memory.kmem.usage_in_bytes"
+        unit_kmem = int(kmem_file.read_text()) if kmem_file.exists() else None
+        open_fds = len(os.listdir(host.path(f"/proc/{pid}/fd")))
         self_metrics = {
             "sample_cpu_seconds": metric(text, "systemd_memory_exporter_sample_cpu_seconds"),
             "render_seconds": metric(text, "systemd_memory_exporter_render_duration_seconds"),
@@ -424,12 +462,76 @@ def measure_exporter(host: TestHost, size: Size, opts: Options) -> dict:
             "pss_with_discovery_child_mib": all_pss_kib / 1024,
             "unit_memory_usage_mib": unit_usage / 2**20,
             "unit_anon_mib": int(unit_stat["total_rss"]) / 2**20,
+            "unit_kernel_mib": None if unit_kmem is None else unit_kmem / 2**20,
+            "open_fds": open_fds,
             "scrape_ms": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
                           "p99": percentile(latencies, 99), "max": max(latencies), "n": len(latencies)},
             "scrape_gzip_bytes": statistics.median(sizes),
+            "_last_body": last_body,  # for the static server, measured once the exporter is gone
             "plain_bytes": len(text.encode()),
             "self_metrics": self_metrics,
         }
+    finally:
+        scraper.close()
+        stop_service(host, unit)
+
+
+# The HTTP floor of a scrape: the stdlib server the exporter uses, serving a fixed body, with no
+# sample cycle and no self metrics. Side by side with the exporter's scrapes (same client, same
+# pacing), it shows how much of a percentile is the machine and its HTTP stack.
+STATIC_SERVER = """
+import socket, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+body = open(sys.argv[2], "rb").read()
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def setup(self):
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def paced_scrapes(scraper: "Scraper", count: int, window: float) -> tuple[list[float], list[int]]:
+    """``count`` scrapes spread evenly over ``window`` seconds: latencies (ms) and body sizes."""
+    gap = window / count
+    latencies, sizes = [], []
+    next_at = time.perf_counter()
+    for _ in range(count):
+        seconds, body, _headers = scraper.get()
+        latencies.append(seconds * 1e3)
+        sizes.append(len(body))
+        next_at += gap
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    return latencies, sizes
+
+
+def measure_static_server(host: TestHost, body: bytes, opts: Options, window: float) -> dict:
+    script = host.exchange_dir / "static_server.py"
+    script.write_text(STATIC_SERVER)
+    body_file = host.exchange_dir / "static_body.gz"
+    body_file.write_bytes(body)
+    port = free_port()
+    unit = "th-bench-static-server.service"
+    start_service(host, unit, [host.python, str(script), str(port), str(body_file)])
+    scraper = Scraper(port)
+    try:
+        wait_http(port, timeout=60)
+        latencies, _sizes = paced_scrapes(scraper, opts.scrapes, window)
+        return {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
+                "p99": percentile(latencies, 99), "max": max(latencies), "n": len(latencies)}
     finally:
         scraper.close()
         stop_service(host, unit)
@@ -554,8 +656,25 @@ def measure_cycles(host: TestHost, opts: Options, baseline: str | None) -> dict:
     return out
 
 
+# --kept-files for "every file kept": more than any size here reads (10,000 x 3: ~120,000).
+KEEP_ALL = 1_000_000
+
+
+def check_pid_room(size: Size, running_bench_processes: int = 0) -> None:
+    """Every process and thread takes a PID in the machine's namespace too, so a size must fit
+    in pid_max minus what already runs (10,000 x 3 does, with ~2,500 to spare at 32,768). The
+    previous size's units, when they have as many processes, are kept and count for this one."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    running = sum(len(os.listdir(f"/proc/{p}/task")) for p in os.listdir("/proc") if p.isdigit()
+                  and os.path.isdir(f"/proc/{p}/task")) - running_bench_processes
+    wanted = size.units * size.procs
+    if wanted + running + 1000 > pid_max:  # the margin: systemd's, the exporter's and the peers' own
+        raise HostError(f"{size}: {wanted} processes do not fit: pid_max {pid_max}, {running} tasks running")
+
+
 def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path | None, baseline: str | None,
-                 is_default: bool) -> dict:
+                 is_default: bool, running_bench_processes: int = 0) -> dict:
+    check_pid_room(size, running_bench_processes)
     log(opts, f"{size}: starting units")
     started = time.monotonic()
     workloads.batch(host, size.units, procs=size.procs, prefix=PREFIX, timeout=1200)
@@ -569,6 +688,19 @@ def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path |
         result["baseline_cycle"] = cycles["baseline"]
     result["processes"] = result["cycle"]["processes"]
     result["statm"] = inner_json(host, ["count"], str(REPO))
+    if opts.variants:
+        log(opts, f"{size}: the cycle with no descriptor kept and with every one kept")
+        result["kept_variants"] = {
+            name: inner_json(host, ["cycle", "--cycles", str(opts.cycles), "--kept-files", str(count)], str(REPO))
+            for name, count in (("none", 0), ("all", KEEP_ALL))
+        }
+    if opts.gil:
+        log(opts, f"{size}: where a scrape would wait for the GIL")
+        gil_cycles = str(max(3, opts.cycles // 2))
+        result["gil"] = {
+            "plain": inner_json(host, ["gil", "--cycles", gil_cycles], str(REPO)),
+            "scrapes_first": inner_json(host, ["gil", "--cycles", gil_cycles, "--scrapes-first"], str(REPO)),
+        }
 
     if floor_binary is not None and shutil.which("strace"):
         log(opts, f"{size}: floor")
@@ -587,6 +719,11 @@ def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path |
                                                f"{size}-pss")
     log(opts, f"{size}: exporter process (interval {opts.interval:g}s)")
     result["exporter"] = measure_exporter(host, size, opts)
+    body = result["exporter"].pop("_last_body")
+    if opts.static_server:
+        log(opts, f"{size}: the HTTP floor (a server serving the same body)")
+        result["exporter"]["static_server_scrape_ms"] = measure_static_server(
+            host, body, opts, max(2 * opts.interval, 1.0))
     if opts.peers:
         log(opts, f"{size}: peers")
         result.update(measure_peers(host, size, opts, trace=opts.trace_peers and is_default))
@@ -609,6 +746,10 @@ def ratios(r: dict) -> dict:
         "floor_seconds": floor["cpu"] if floor else None,
         "sample_vs_floor": cycle["cycle"] / floor["cpu"] if floor else None,
         "files_vs_floor": cycle["files"] / floor["cpu"] if floor else None,
+        "kept_floor_seconds": floor["kept"]["cpu"] if floor else None,
+        "sample_vs_kept_floor": cycle["cycle"] / floor["kept"]["cpu"] if floor else None,
+        "procfs_vs_kept_floor": None,
+        "cgroup_vs_kept_floor": None,
         "procfs_vs_floor": None,
         "cgroup_vs_floor": None,
         "exporter_cpu_per_cycle": exporter.get("cpu_per_cycle"),
@@ -625,6 +766,16 @@ def ratios(r: dict) -> dict:
         # Each phase against the floor of the calls that phase made (split by marker stats).
         out["procfs_vs_floor"] = cycle["procfs"] / floor["procfs_phase"]["cpu"] if floor["procfs_phase"]["cpu"] else None
         out["cgroup_vs_floor"] = cycle["cgroup"] / floor["cgroup_phase"]["cpu"] if floor["cgroup_phase"]["cpu"] else None
+        kept = floor["kept"]
+        out["procfs_vs_kept_floor"] = cycle["procfs"] / kept["procfs_phase"]["cpu"] if kept["procfs_phase"]["cpu"] else None
+        out["cgroup_vs_kept_floor"] = cycle["cgroup"] / kept["cgroup_phase"]["cpu"] if kept["cgroup_phase"]["cpu"] else None
+    variants = r.get("kept_variants")
+    if variants:
+        every = variants["all"]["median"]["cpu"]["cycle"]
+        out["kept_none_cpu_seconds"] = variants["none"]["median"]["cpu"]["cycle"]
+        out["kept_all_cpu_seconds"] = every
+        out["kept_all_vs_floor"] = every / floor["cpu"] if floor else None
+        out["kept_all_vs_kept_floor"] = every / floor["kept"]["cpu"] if floor else None
     if "baseline_cycle" in r:
         base = r["baseline_cycle"]["median"]["cpu"]
         out["baseline_sample_cpu_seconds"] = base["cycle"]
@@ -664,6 +815,8 @@ def machine() -> dict:
 def fmt(value, unit: str = "", digits: int = 3) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, str):  # a cell already formatted
+        return value
     if isinstance(value, float):
         text = f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
     else:
@@ -684,18 +837,42 @@ def table(results: dict) -> str:
                 cells.append("n/a")
         rows.append((label, cells))
 
+    if any("error" in r for r in results["sizes"].values()):
+        row("**this size failed**", lambda r: r.get("error", "")[:200].replace("|", "/").replace("\n", " "))
     row("processes walked", lambda r: r["processes"])
     row("units reported", lambda r: r["cycle"]["units"])
     for phase in ("discovery", "cgroup", "procfs", "build", "render"):
         row(f"cycle CPU: {phase}", lambda r, p=phase: r["cycle"]["median"]["cpu"][p] * 1e3, " ms")
     row("cycle CPU: total (sample_cpu_seconds)", lambda r: r["cycle"]["median"]["cpu"]["cycle"] * 1e3, " ms")
     row("cycle wall: total", lambda r: r["cycle"]["median"]["wall"]["cycle"] * 1e3, " ms")
-    row("C floor of the same files (CPU)", lambda r: r["floor"]["cpu"] * 1e3, " ms")
-    row("**cycle CPU / floor** (sample_vs_floor)", lambda r: r["ratios"]["sample_vs_floor"], "x")
-    row("cgroup+procfs phases / floor", lambda r: r["ratios"]["files_vs_floor"], "x")
-    row("procfs phase / its files' floor", lambda r: r["ratios"]["procfs_vs_floor"], "x")
-    row("cgroup phase / its files' floor", lambda r: r["ratios"]["cgroup_vs_floor"], "x")
+    row("C floor of the same files, open/read/close (CPU)", lambda r: r["floor"]["cpu"] * 1e3, " ms")
+    row("C floor of the same files, kept open, pread (CPU)", lambda r: r["floor"]["kept"]["cpu"] * 1e3, " ms")
+    row("kept-open floor: files kept (the rest within RLIMIT_NOFILE: open/read/close)",
+        lambda r: f'{fmt(r["floor"]["kept"]["kept"])} of {fmt(r["floor"]["kept"]["ops"])}')
+    row("**cycle CPU / open-read-close floor** (sample_vs_floor)", lambda r: r["ratios"]["sample_vs_floor"], "x")
+    row("**cycle CPU / kept-open floor** (sample_vs_kept_floor)", lambda r: r["ratios"]["sample_vs_kept_floor"], "x")
+    row("cgroup+procfs phases / open-read-close floor", lambda r: r["ratios"]["files_vs_floor"], "x")
+    row("procfs phase / its files' floor (open; kept)",
+        lambda r: f'{fmt(r["ratios"]["procfs_vs_floor"], "x")}; {fmt(r["ratios"]["procfs_vs_kept_floor"], "x")}')
+    row("cgroup phase / its files' floor (open; kept)",
+        lambda r: f'{fmt(r["ratios"]["cgroup_vs_floor"], "x")}; {fmt(r["ratios"]["cgroup_vs_kept_floor"], "x")}')
+    row("kept-open floor: kernel memory its descriptors hold", lambda r: r["floor"]["kept"]["slab_added_kib"] / 1024, " MiB")
     row("floor with statm instead of status", lambda r: r["floor"]["with_statm_instead_of_status"]["cpu"] * 1e3, " ms")
+    row("kept descriptors (default --sample.kept-files 4096)", lambda r: r["cycle"]["kept_files"])
+    row("their kernel memory (the driver's cgroup kmem)", lambda r: r["cycle"]["kernel_mib"], " MiB")
+    row("cycle CPU, no file kept (--sample.kept-files=0)", lambda r: r["ratios"]["kept_none_cpu_seconds"] * 1e3, " ms")
+    row("cycle CPU, every file kept", lambda r: r["ratios"]["kept_all_cpu_seconds"] * 1e3, " ms")
+    row("every file kept: descriptors; kernel memory",
+        lambda r: f'{fmt(r["kept_variants"]["all"]["kept_files"])}; {fmt(r["kept_variants"]["all"]["kernel_mib"], " MiB")}')
+    row("**every file kept / open-read-close floor**", lambda r: r["ratios"]["kept_all_vs_floor"], "x")
+    row("**every file kept / kept-open floor**", lambda r: r["ratios"]["kept_all_vs_kept_floor"], "x")
+    row("GIL wait of a scrape stand-in, p99 / max: plain",
+        lambda r: f'{fmt(r["gil"]["plain"]["all"]["p99_ms"], " ms")} / {fmt(r["gil"]["plain"]["all"]["max_ms"], " ms")}')
+    row("GIL wait p99 / max: scrapes first (as the exporter runs)",
+        lambda r: f'{fmt(r["gil"]["scrapes_first"]["all"]["p99_ms"], " ms")} / '
+                  f'{fmt(r["gil"]["scrapes_first"]["all"]["max_ms"], " ms")}')
+    row("GIL wait p99 by phase, plain: cgroup / procfs / render / gzip / idle", lambda r: " / ".join(
+        fmt(r["gil"]["plain"]["waits"].get(p, {}).get("p99_ms"), " ms") for p in ("cgroup", "procfs", "render", "gzip", "idle")))
     row("cycle CPU per unit", lambda r: r["cycle"]["median"]["cpu"]["cycle"] / r["units"] * 1e6, " µs")
     row("cycle CPU per process", lambda r: r["cycle"]["median"]["cpu"]["cycle"] / r["processes"] * 1e6, " µs")
     if any("baseline_cycle" in r for r in results["sizes"].values()):
@@ -711,9 +888,14 @@ def table(results: dict) -> str:
     row("exporter PSS incl. discovery child", lambda r: r["exporter"]["pss_with_discovery_child_mib"], " MiB")
     row("exporter unit: cgroup usage (systemctl)", lambda r: r["exporter"]["unit_memory_usage_mib"], " MiB")
     row("exporter unit: anon (total_rss)", lambda r: r["exporter"]["unit_anon_mib"], " MiB")
+    row("exporter unit: kernel (kmem)", lambda r: r["exporter"]["unit_kernel_mib"], " MiB")
+    row("exporter main process: open descriptors", lambda r: r["exporter"]["open_fds"])
     row("scrape p50", lambda r: r["exporter"]["scrape_ms"]["p50"], " ms")
     row("scrape p99", lambda r: r["exporter"]["scrape_ms"]["p99"], " ms")
     row("scrape max", lambda r: r["exporter"]["scrape_ms"]["max"], " ms")
+    row("HTTP floor: a stdlib server serving the same body, p50 / p99", lambda r: (
+        f'{fmt(r["exporter"]["static_server_scrape_ms"]["p50"], " ms")} / '
+        f'{fmt(r["exporter"]["static_server_scrape_ms"]["p99"], " ms")}'))
     row("scrape body (gzip)", lambda r: r["exporter"]["scrape_gzip_bytes"] / 1024, " KiB")
     row("node_exporter systemd: CPU per scrape", lambda r: r["node_exporter"]["cpu_per_scrape"] * 1e3, " ms")
     row("node_exporter systemd: scrape p50", lambda r: r["node_exporter"]["scrape_ms"]["p50"], " ms")
@@ -741,27 +923,37 @@ def markdown(results: dict) -> str:
 
 def headline(results: dict) -> dict:
     default = results["sizes"].get(results["default_size"])
-    if default is None:
+    if default is None or "ratios" not in default:
         return {key: None for key in HEADLINE_KEYS}
     return {key: default["ratios"].get(key) for key in HEADLINE_KEYS}
 
 
 # --------------------------------------------------------------------------------- main
-def run(host: TestHost, opts: Options) -> dict:
-    """Every size on an already booted host; stops every unit it started."""
+def run(host: TestHost, opts: Options, checkpoint=None) -> dict:
+    """Every size on an already booted host; stops every unit it started. ``checkpoint(results)``
+    is called after each size, so a long run that fails late keeps what it measured; a size that
+    fails is recorded with its error and the run goes on with the next."""
     results: dict = {"machine": machine(), "default_size": opts.default_size, "sizes": {}}
     floor_binary = compile_floor(host) if opts.floor else None
     baseline = baseline_tree(host, opts.baseline) if opts.baseline else None
     results["baseline_revision"] = opts.baseline
-    previous_procs = None
+    previous_procs, previous_units = None, 0
     try:
         for size in opts.sizes:
             if previous_procs is not None and size.procs != previous_procs:
                 log(opts, f"stopping the {previous_procs}-process units before {size}")
                 stop_bench_units(host)
-            previous_procs = size.procs
-            results["sizes"][str(size)] = measure_size(host, size, opts, floor_binary, baseline,
-                                                       str(size) == opts.default_size)
+            running = previous_units * size.procs if previous_procs == size.procs else 0
+            previous_procs, previous_units = size.procs, size.units
+            try:
+                results["sizes"][str(size)] = measure_size(host, size, opts, floor_binary, baseline,
+                                                           str(size) == opts.default_size, running)
+            except Exception as e:  # noqa: BLE001 - a bench run records a failed size and goes on
+                log(opts, f"{size} failed: {e}")
+                results["sizes"][str(size)] = {"units": size.units, "procs_per_unit": size.procs,
+                                               "error": f"{type(e).__name__}: {e}"[:2000]}
+            if checkpoint is not None:
+                checkpoint(results)
     finally:
         stop_bench_units(host)
     results.update(headline(results))
@@ -778,8 +970,9 @@ def stop_bench_units(host: TestHost) -> None:
 def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python3 -m tests.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="100x10,1000x10,3000x3",
-                   help="comma-separated UNITSxPROCESSES (default %(default)s; 3000x10 exceeds pid_max=32768 here)")
+    p.add_argument("--sizes", default="100x10,1000x10,3000x3,10000x3",
+                   help="comma-separated UNITSxPROCESSES (default %(default)s; 3000x10 exceeds pid_max=32768 here;"
+                        " a size that does not fit in the free PIDs stops the run before its units start)"),
     p.add_argument("--default-size", default="1000x10", help="the size whose figures are the headline keys")
     p.add_argument("--cycles", type=int, default=8, help="in-process sample cycles per run (default %(default)s)")
     p.add_argument("--interval", type=float, default=15.0, help="the exporter process's --sample.interval")
@@ -790,6 +983,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--no-trace-peers", action="store_true")
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--no-pss", action="store_true")
+    p.add_argument("--no-variants", action="store_true", help="skip the cycle with no file kept and with every file kept")
+    p.add_argument("--no-gil", action="store_true", help="skip inner.py gil (where a scrape would wait)")
+    p.add_argument("--no-static-server", action="store_true", help="skip the HTTP floor of a scrape")
     p.add_argument("--baseline", metavar="REV", help="also run the cycle on exporter/ of this git revision")
     p.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the JSON (default %(default)s)")
     p.add_argument("--markdown", default=str(BENCH / "RESULTS.md"), help="where to write the table (default %(default)s)")
@@ -806,6 +1002,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         trace_peers=not args.no_trace_peers,
         floor=not args.no_floor,
         pss=not args.no_pss,
+        variants=not args.no_variants,
+        gil=not args.no_gil,
+        static_server=not args.no_static_server,
         baseline=args.baseline,
     )
     return opts, args
@@ -818,14 +1017,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark needs the test host: {reason}", file=sys.stderr)
         return 2
     started = time.monotonic()
+    command = "python3 -m tests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def write(results: dict) -> str:
+        results["command"] = command
+        results["seconds"] = round(time.monotonic() - started, 1)
+        Path(args.json).write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+        text = markdown(results)
+        Path(args.markdown).write_text(text)
+        return text
+
     with TestHost(name="bench") as host:
         log(opts, f"host {host.name} booted in {host.boot_seconds:.1f}s")
-        results = run(host, opts)
-    results["command"] = "python3 -m tests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    results["seconds"] = round(time.monotonic() - started, 1)
-    Path(args.json).write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
-    text = markdown(results)
-    Path(args.markdown).write_text(text)
+        results = run(host, opts, checkpoint=write)
+    results.update(headline(results))
+    text = write(results)
     print(text)
     print(json.dumps(headline(results), indent=1))
     log(opts, f"done in {results['seconds']:.0f}s; wrote {args.json} and {args.markdown}")

@@ -13,33 +13,65 @@ Modes (each prints one JSON object on stdout):
   record               two warm cycles, then one cycle between marker stats: run under
                        strace, the syscalls between the markers are exactly one cycle's reads,
                        with the procfs phase marked off too.
+  gil --cycles K [--scrapes-first]
+                       K cycles (as in cycle) on a second thread while this one plays scrapes:
+                       every 5 ms a burst of three 0.5 ms sleeps, each timed for how long past
+                       its end it waits for the GIL, attributed to the phase the cycle was in
+                       (render and gzip apart, and the garbage collector's passes, seen through
+                       gc.callbacks). --scrapes-first: each burst inside ScrapesFirst.scrape()
+                       with the sampler pausing at its pause points, as the exporter runs.
   pss --cycles K       K cycles of exporter.pss.PssCollector over the discovered units.
   count                processes, and how many have statm shared == 0 (where status could be
                        skipped if only statm were read).
+
+cycle, record and gil take --kept-files N (the exporter's --sample.kept-files; default its
+default), with the descriptor limit raised as the exporter raises it; a revision from before
+exporter/keptfiles.py ignores it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
 import statistics
 import sys
+import threading
 import time
 
 import exporter
 from exporter import sampler as sampler_module
 from exporter.cgroupfs import detect_layout
 from exporter.sampler import Sampler, SamplerConfig
+from exporter import service as service_module
 from exporter.service import publish
 from exporter.systemd import Discovery, DiscoveryResult, UnitFilter
 
 PHASES = ("discovery", "cgroup", "procfs", "build", "render")
+# Which phase a mark begins (gil mode): render is split into the text and its gzip.
+PHASE_AFTER = {"start": "discovery", "discovery_end": "cgroup", "procfs_start": "procfs", "procfs_end": "build",
+               "built": "render", "render_text_end": "gzip", "rendered": "idle"}
 MARK_BEGIN = "/BENCH-MARK-begin"
 MARK_END = "/BENCH-MARK-end"
 MARK_PROCFS = "/BENCH-MARK-procfs"
 MARK_PROCFS_END = "/BENCH-MARK-procfs-end"
+
+
+try:
+    from exporter.keptfiles import DEFAULT_KEPT_FILES, raise_descriptor_limit
+except ImportError:  # a --baseline revision from before kept descriptors
+    DEFAULT_KEPT_FILES, raise_descriptor_limit = None, None
+
+
+def sampler_config(args) -> SamplerConfig:
+    """The exporter's defaults, with --kept-files and the descriptor limit raised as cli does."""
+    if DEFAULT_KEPT_FILES is None:
+        return SamplerConfig(interval=15)
+    raise_descriptor_limit()
+    kept = DEFAULT_KEPT_FILES if getattr(args, "kept_files", None) is None else args.kept_files
+    return SamplerConfig(interval=15, kept_files=kept)
 
 
 class Clock:
@@ -47,16 +79,18 @@ class Clock:
 
     def __init__(self):
         self.marks: dict[str, tuple[float, float]] = {}
+        self.current = "idle"  # the phase now under way, for the gil mode's probe
 
     def mark(self, name: str) -> None:
         self.marks[name] = (time.thread_time(), time.perf_counter())
+        self.current = PHASE_AFTER.get(name, self.current)
 
     def span(self, start: str, end: str) -> tuple[float, float]:
         (c0, w0), (c1, w1) = self.marks[start], self.marks[end]
         return c1 - c0, w1 - w0
 
 
-def timed_sampler(clock: Clock, discovery: Discovery) -> Sampler:
+def timed_sampler(clock: Clock, discovery: Discovery, config: SamplerConfig | None = None, pause=None) -> Sampler:
     """The real Sampler, with stamps taken where its phases change.
 
     Sampler.sample() builds a ProcessWalker right after the cgroup phase and calls totals()
@@ -84,14 +118,24 @@ def timed_sampler(clock: Clock, discovery: Discovery) -> Sampler:
         clock.mark("discovery_end")
         return DiscoveryResult(units, True, "", time.time(), discovery.transport)
 
-    return Sampler(SamplerConfig(interval=15), discover)
+    render = service_module.render
+
+    def stamped_render(snapshot, *pause):
+        text = render(snapshot, *pause)
+        clock.mark("render_text_end")
+        return text
+
+    service_module.render = stamped_render
+    if pause is not None:
+        return Sampler(config or SamplerConfig(interval=15), discover, pause)
+    return Sampler(config or SamplerConfig(interval=15), discover)
 
 
-def one_cycle(sampler: Sampler, clock: Clock) -> dict:
+def one_cycle(sampler: Sampler, clock: Clock, pause=None) -> dict:
     clock.mark("start")
     snapshot = sampler.sample()
     clock.mark("built")
-    published = publish(snapshot)
+    published = publish(snapshot) if pause is None else publish(snapshot, pause)
     clock.mark("rendered")
     spans = {
         "discovery": clock.span("start", "discovery_end"),
@@ -117,7 +161,7 @@ def one_cycle(sampler: Sampler, clock: Clock) -> dict:
 def cmd_cycle(args) -> dict:
     discovery = Discovery(UnitFilter.build())
     clock = Clock()
-    sampler = timed_sampler(clock, discovery)
+    sampler = timed_sampler(clock, discovery, sampler_config(args))
     cycles = [one_cycle(sampler, clock) for _ in range(args.cycles)]
     steady = cycles[1:] or cycles
     median = {
@@ -136,8 +180,90 @@ def cmd_cycle(args) -> dict:
         "samples_cpu_cycle": [sum(c["cpu"].values()) for c in steady],
         **{k: last[k] for k in ("units", "processes", "body_bytes", "body_gzip_bytes", "errors")},
         "driver_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "kept_files": len(sampler.files) if hasattr(sampler, "files") else 0,
+        "kernel_mib": own_kernel_memory_mib(),
     }
     return out
+
+
+def own_kernel_memory_mib() -> float | None:
+    """This process's cgroup's kernel memory (v1 memory.kmem.usage_in_bytes): what the kept
+    descriptors hold, as the exporter's unit would show it."""
+    try:
+        for line in open("/proc/self/cgroup"):
+            _id, controllers, path = line.rstrip("\n").split(":", 2)
+            if "memory" in controllers.split(","):
+                with open(f"/sys/fs/cgroup/memory{path}/memory.kmem.usage_in_bytes") as f:
+                    return int(f.read()) / 2**20
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cmd_gil(args) -> dict:
+    """Where a scrape would wait: this thread sleeps PROBE_SLEEP and measures how late it gets
+    the GIL back while the cycle runs on another thread, with the exporter's switch interval."""
+    sys.setswitchinterval(0.0005)  # as exporter/cli.py sets it
+    import contextlib
+
+    discovery = Discovery(UnitFilter.build())
+    clock = Clock()
+    gate = service_module.ScrapesFirst() if args.scrapes_first else None
+    pause = gate.pause_point if gate else None
+    sampler = timed_sampler(clock, discovery, sampler_config(args), pause)
+    one_cycle(sampler, clock, pause)  # warm: discovery fetched, descriptors opened
+    gc_started: list[float] = []
+    gc_passes: list[tuple[int, float]] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_started.append(time.perf_counter())
+        elif gc_started:
+            gc_passes.append((info["generation"], time.perf_counter() - gc_started.pop()))
+
+    gc.callbacks.append(on_gc)
+    done = threading.Event()
+    waits: dict[str, list[float]] = {}
+
+    def cycles() -> None:
+        for _ in range(args.cycles):
+            if gate:
+                gate.new_cycle()
+            one_cycle(sampler, clock, pause)
+            time.sleep(0.05)  # idle between cycles: probes there show the floor of the probe itself
+        done.set()
+
+    worker = threading.Thread(target=cycles)
+    cycle_started = time.perf_counter()
+    worker.start()
+    while not done.is_set():
+        with gate.scrape() if gate else contextlib.nullcontext():
+            for _ in range(3):
+                phase = "gc" if gc_started else clock.current
+                started = time.perf_counter()
+                time.sleep(PROBE_SLEEP)
+                waits.setdefault(phase, []).append(time.perf_counter() - started - PROBE_SLEEP)
+        time.sleep(0.005)
+    worker.join()
+    seconds = time.perf_counter() - cycle_started
+    gc.callbacks.remove(on_gc)
+
+    def summary(values: list[float]) -> dict:
+        ordered = sorted(values)
+        return {"n": len(values), "p50_ms": ordered[len(ordered) // 2] * 1e3,
+                "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3, "max_ms": ordered[-1] * 1e3,
+                "over_1ms": sum(v > 1e-3 for v in values), "over_3ms": sum(v > 3e-3 for v in values)}
+
+    return {"probe_sleep_ms": PROBE_SLEEP * 1e3, "cycles": args.cycles, "scrapes_first": bool(gate),
+            "wall_seconds": seconds, "paused_seconds": gate.paused_seconds if gate else 0.0,
+            "all": summary([v for values in waits.values() for v in values]),
+            "waits": {phase: summary(values) for phase, values in waits.items()},
+            "gc_passes": {str(g): {"n": sum(1 for gen, _ in gc_passes if gen == g),
+                                   "max_ms": max((s for gen, s in gc_passes if gen == g), default=0) * 1e3}
+                          for g in (0, 1, 2)}}
+
+
+PROBE_SLEEP = 0.0005
 
 
 def cmd_record(args) -> dict:
@@ -158,7 +284,7 @@ def cmd_record(args) -> dict:
             return result
 
     sampler_module.ProcessWalker = MarkingWalker
-    sampler = Sampler(SamplerConfig(interval=15), lambda: DiscoveryResult(units, True, "", time.time(), "system_bus"))
+    sampler = Sampler(sampler_config(args), lambda: DiscoveryResult(units, True, "", time.time(), "system_bus"))
     sampler.sample()
     sampler.sample()
     os.path.exists(MARK_BEGIN)
@@ -210,8 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("cycle")
     p.add_argument("--cycles", type=int, default=8)
+    p.add_argument("--kept-files", type=int)
     p.set_defaults(func=cmd_cycle)
-    sub.add_parser("record").set_defaults(func=cmd_record)
+    p = sub.add_parser("gil")
+    p.add_argument("--cycles", type=int, default=6)
+    p.add_argument("--scrapes-first", action="store_true")
+    p.add_argument("--kept-files", type=int)
+    p.set_defaults(func=cmd_gil)
+    p = sub.add_parser("record")
+    p.add_argument("--kept-files", type=int)
+    p.set_defaults(func=cmd_record)
     p = sub.add_parser("pss")
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--budget", type=float, default=2.0)

@@ -68,6 +68,26 @@ def test_the_floor_replays_the_cycles_reads(results):
     assert floor["reads"]["F memory.stat"] >= 20
     assert floor["procfs_phase"]["ops"] + floor["cgroup_phase"]["ops"] <= floor["ops"]
     assert floor["cpu"] > 0
+    # The recorded cycle read its files through kept descriptors (pread64): still one F each.
+    kept = floor["kept"]
+    assert kept["ops"] == floor["ops"] and kept["cpu"] > 0 and kept["failed_opens"] <= floor["failed_opens"] + 5
+
+
+def test_the_cycle_keeps_descriptors_and_runs_without_them_too(results):
+    size = results["sizes"]["20x3"]
+    assert size["cycle"]["kept_files"] >= 20 * 3, "the default cap holds every file of 20 units"
+    assert size["kept_variants"]["none"]["kept_files"] == 0
+    assert size["kept_variants"]["all"]["kept_files"] >= size["cycle"]["kept_files"]
+    for variant in size["kept_variants"].values():
+        assert variant["errors"] == 0 and variant["units"] == size["cycle"]["units"]
+        assert abs(variant["processes"] - size["cycle"]["processes"]) <= 5  # the host's own may come and go
+
+
+def test_the_gil_probe_saw_the_cycle(results):
+    gil = results["sizes"]["20x3"]["gil"]
+    for run in (gil["plain"], gil["scrapes_first"]):
+        assert run["all"]["n"] > 0
+        assert {"cgroup", "procfs"} & run["waits"].keys()
 
 
 @pytest.mark.skipif(shutil.which("prometheus-process-exporter") is None, reason="peer not installed")

@@ -3,11 +3,14 @@ shortcut: same figures, or the same ParseError. Kept beside the benchmark that m
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.cgroupfs import parse_procs, parse_procs_bytes
+from exporter import cgroupfs
+from exporter.cgroupfs import parse_flat_keyed, parse_procs, parse_procs_bytes
 from exporter.kernelfiles import ParseError
 from exporter.procfs import NO_USER_MEMORY, parse_status, parse_status_bytes
 
@@ -123,3 +126,38 @@ def test_procs_bytes_agrees_with_parse_procs(tokens, separator):
             parse_procs_bytes(text.encode())
         return
     assert parse_procs_bytes(text.encode()) == expected
+
+
+def _flat_keyed_by_lines(text: str, skipped: list[str] | None) -> dict[str, int]:
+    """parse_flat_keyed with its fast path out of the way: the reference the fast path shortcuts."""
+    saved = cgroupfs._WELL_FORMED_FLAT_KEYED
+    cgroupfs._WELL_FORMED_FLAT_KEYED = re.compile("(?!)")  # matches nothing
+    try:
+        return cgroupfs.parse_flat_keyed(text, skipped)
+    finally:
+        cgroupfs._WELL_FORMED_FLAT_KEYED = saved
+
+
+FLAT_KEYED_LINE = st.one_of(
+    st.tuples(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), st.integers(0, 2**64)).map(lambda kv: f"{kv[0]} {kv[1]}"),
+    st.text(alphabet=" \t\x0c\r_a٣9-", max_size=8),  # odd separators, a non-ASCII digit, blanks
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(FLAT_KEYED_LINE, max_size=8), st.booleans())
+def test_flat_keyed_fast_path_agrees_with_the_line_loop(lines, trailing_newline):
+    text = "\n".join(lines) + ("\n" if trailing_newline and lines else "")
+    fast_skipped: list[str] = []
+    slow_skipped: list[str] = []
+    assert parse_flat_keyed(text, fast_skipped) == _flat_keyed_by_lines(text, slow_skipped)
+    assert fast_skipped == slow_skipped
+    try:
+        strict = parse_flat_keyed(text)
+    except ParseError as e:
+        with pytest.raises(ParseError, match=re.escape(str(e))):
+            _flat_keyed_by_lines(text, None)
+    else:
+        assert strict == _flat_keyed_by_lines(text, None)
+
+
