@@ -142,9 +142,12 @@ def test_unknown_path_is_404(server):
 
 @pytest.mark.parametrize("server", [["--sample.interval=0"]], indirect=True)
 def test_interval_zero_samples_on_each_scrape(server):
+    """Each scrape gets a sample taken after it arrived. Exactly one more per scrape is not the
+    claim: the fixture's start-up poll may have retried a scrape under load (client timeout), and
+    that request's cycle can land between two of these (seen on a loaded CI machine)."""
     counts = [Scrape.parse(get(server + "/metrics").read().decode()).value("systemd_memory_exporter_samples_total")
               for _ in range(3)]
-    assert counts[1] == counts[0] + 1 and counts[2] == counts[1] + 1
+    assert counts[0] < counts[1] < counts[2], counts
 
 
 @pytest.mark.parametrize("server", [["--sample.interval=0"]], indirect=True)
@@ -153,6 +156,8 @@ def test_interval_zero_page_views_start_no_cycle(server):
     def samples():
         return Scrape.parse(get(server + "/metrics").read().decode()).value("systemd_memory_exporter_samples_total")
 
+    samples()
+    time.sleep(0.5)  # a cycle the fixture's start-up poll may have left asked for ends meanwhile
     before = samples()
     for _ in range(5):
         assert "dbus DOWN" in get(server + "/").read().decode()
