@@ -191,7 +191,9 @@ def cgroup_path(root: str, cgroup: str) -> str:
 def minimal_roots(paths: Iterable[str]) -> list[str]:
     """The paths not inside another one: walking these covers every unit's subtree once."""
     roots: list[str] = []
-    for path in sorted(set(paths)):
+    # Sorted by components, so a subtree follows its root: as plain strings "/a.slice-x" would
+    # come between "/a.slice" and "/a.slice/b.service" ("-" sorts before "/").
+    for path in sorted(set(paths), key=lambda p: p.split("/")):
         parent = roots[-1] if roots else None
         if parent is not None and (parent == "/" or path.startswith(parent + "/")):
             continue

@@ -106,7 +106,8 @@ class SampleLoop:
         pause = self.scrapes_first.pause_point
         self._sampler = Sampler(config, lambda: discovery.request(wait=dbus_timeout + 1, pause=pause), pause)
         self._latest: Published | None = None
-        self._generation = 0
+        self._generation = 0  # cycles ended
+        self._sampling = False  # a cycle is under way
         self._changed = threading.Condition()
         self._wanted = threading.Event()
         self._stop = threading.Event()
@@ -144,7 +145,10 @@ class SampleLoop:
                     self._changed.wait_for(lambda: self._latest is not None, timeout=wait)
             return self._latest
         with self._changed:
-            target = self._generation + 1
+            # A cycle under way began before this request, so it is not fresh: wait for the next,
+            # which this request's wanted starts (counting it as fresh would leave the wanted set
+            # and start one more cycle that nobody asked for).
+            target = self._generation + (2 if self._sampling else 1)
             self._wanted.set()
             self._changed.wait_for(lambda: self._generation >= target, timeout=wait)
             return self._latest
@@ -158,16 +162,20 @@ class SampleLoop:
     def _sample_until_stopped(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
+            with self._changed:  # together, so each request is served by the first cycle after it
+                self._wanted.clear()
+                self._sampling = True
+            published = None
             try:
                 self.scrapes_first.new_cycle()
                 published = publish(self._sampler.sample(), self.scrapes_first.pause_point)
             except Exception:  # a bug must not end sampling: log it and keep the last snapshot
                 log.exception("sample cycle failed; serving the previous snapshot")
-            else:
-                with self._changed:
-                    self._latest = published
-                    self._generation += 1
-                    self._changed.notify_all()
+            with self._changed:
+                self._sampling = False
+                self._latest = published or self._latest
+                self._generation += 1
+                self._changed.notify_all()
             if self.config.interval > 0:
                 # Fixed schedule, not fixed sleep: a slow cycle does not shift the next ones.
                 next_at += self.config.interval
@@ -177,4 +185,3 @@ class SampleLoop:
                 self._stop.wait(next_at - now)
             else:
                 self._wanted.wait()
-                self._wanted.clear()

@@ -190,8 +190,7 @@ class Discovery:
                     try:
                         cached = (state, self._control_group(self._bus, entry))
                     except Exception as e:
-                        # The unit went away between ListUnits and Get: skip it this cycle.
-                        if "NoSuchUnit" in str(e) or "UnknownObject" in str(e):
+                        if _unit_gone(e):  # it went away between ListUnits and Get: skip it this cycle
                             continue
                         raise
                     self._cgroup_cache[entry.name] = cached
@@ -210,6 +209,14 @@ class Discovery:
         if self._bus is not None:
             _close_quietly(self._bus)
             self._bus = None
+
+
+def _unit_gone(error: Exception) -> bool:
+    """NoSuchUnit or UnknownObject, by pystemd's error classes: their str() holds the message
+    ("Unknown object '/org/...'"), not the D-Bus error name."""
+    from pystemd.dbusexc import DBusNoSuchUnitError, DBusUnknownObjectError  # there since a bus exists
+
+    return isinstance(error, (DBusNoSuchUnitError, DBusUnknownObjectError))
 
 
 def _close_quietly(bus) -> None:

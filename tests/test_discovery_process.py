@@ -114,3 +114,25 @@ def test_a_closed_pipe_is_a_failed_refresh_not_an_exception():
         assert "gone" in result.message
     finally:
         client._kill()
+
+
+def test_hang_limit_grows_with_the_d_bus_timeout():
+    assert DiscoveryProcess(".+", "", ["service"], "/nonexistent/private", timeout=0.2).hang_limit == 30
+    assert DiscoveryProcess(".+", "", ["service"], "/nonexistent/private", timeout=5).hang_limit == 50
+
+
+def test_a_child_stuck_past_the_hang_limit_is_killed_and_replaced():
+    client = client_with_child("import sys, time; sys.stdin.readline(); time.sleep(60)")
+    client.hang_limit = 0.5  # instead of 30 s, so the test is short
+    try:
+        assert client.request(wait=0.2).failure == "timeout"
+        stuck = client._proc
+        assert client.request(wait=0).failure == "timeout" and stuck.poll() is None  # not yet past the limit
+        time.sleep(0.6)
+        past = client.request(wait=0)
+        assert past.failure == "timeout" and "not answered" in past.message
+        assert stuck.poll() is not None, "the stuck child must be killed"
+        assert client.request(wait=0.2).failure == "timeout"  # a fresh child got the request
+        assert client._proc is not None and client._proc.pid != stuck.pid
+    finally:
+        client._kill()

@@ -1,5 +1,8 @@
 """HTTP under stress, bounded and on loopback only: many concurrent scrapes while slow and idle
-connections hold sockets open (slowloris-style), and malformed or oversized requests."""
+connections hold sockets open (slowloris-style), and malformed or oversized requests.
+
+Latencies are recorded (printed, and in the JUnit report as properties), not asserted: the
+bounds below are ones only a hung or thread-starved server breaks. tests/bench measures speed."""
 
 from __future__ import annotations
 
@@ -44,10 +47,15 @@ def exporter():
     assert "Traceback" not in err, err
 
 
+# A scrape that takes this long is a server that stopped answering (its own request timeout
+# is 10 s): far above any healthy figure (milliseconds), so load on a shared machine cannot reach it.
+HUNG = 10.0
+
+
 def scrape_seconds(port: int) -> float:
+    """Seconds for one full scrape; raises on anything but a 200 (urlopen raises HTTPError)."""
     started = time.perf_counter()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=HUNG) as response:
         response.read()
     return time.perf_counter() - started
 
@@ -63,36 +71,57 @@ def open_slow_connections(port: int, count: int) -> list[socket.socket]:
     return held
 
 
-def test_scrapes_stay_fast_with_slow_clients_and_a_burst(exporter):
+def test_scrapes_are_served_with_slow_clients_and_a_burst(exporter, record_property):
     port, process = exporter
     baseline_threads = process.num_threads()
     held = open_slow_connections(port, SLOW_CONNECTIONS)
     try:
         latencies: list[float] = []
+        failures: list[str] = []
         lock = threading.Lock()
 
         def scraper():
-            seconds = scrape_seconds(port)
+            try:
+                seconds = scrape_seconds(port)
+            except Exception as e:  # noqa: BLE001 - asserted below, in the test's thread
+                with lock:
+                    failures.append(repr(e))
+                return
             with lock:
                 latencies.append(seconds)
 
         threads = [threading.Thread(target=scraper) for _ in range(SCRAPERS)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 3 * HUNG  # one deadline for the whole burst
         for t in threads:
-            t.join(timeout=30)
-        assert len(latencies) == SCRAPERS
-        # The burst queues behind itself; a single scrape next to the slow clients must be quick.
+            t.join(timeout=max(deadline - time.monotonic(), 0))
+        stuck = sum(t.is_alive() for t in threads)
+        # The burst queues behind itself; single scrapes next to the slow clients should be quick.
         single = sorted(scrape_seconds(port) for _ in range(20))
         peak_threads = process.num_threads()
     finally:
         for s in held:
             s.close()
-    assert statistics.median(single) < 0.1, single
-    assert max(latencies) < 5, sorted(latencies)[-5:]
+    figures = {
+        "burst_p50_ms": statistics.median(latencies) * 1000 if latencies else None,
+        "burst_max_ms": max(latencies) * 1000 if latencies else None,
+        "single_p50_ms": statistics.median(single) * 1000,
+        "single_max_ms": single[-1] * 1000,
+    }
+    for name, value in figures.items():
+        record_property(name, value)
+    print(f"\n{SCRAPERS} concurrent scrapes beside {SLOW_CONNECTIONS} slow clients: "
+          + ", ".join(f"{name} {value:.1f}" for name, value in figures.items() if value is not None))
+    assert not stuck, f"{stuck} of {SCRAPERS} scrapes still running after {3 * HUNG:.0f}s"
+    assert not failures and len(latencies) == SCRAPERS, failures[:5]
+    assert single[-1] < HUNG, single
     # Threads are bounded by max_connections (128) plus the exporter's own few.
     assert peak_threads <= baseline_threads + 128 + 2
-    time.sleep(0.5)
+    # The burst's threads end once their responses are sent; only the slow clients' may remain.
+    deadline = time.monotonic() + 5
+    while process.num_threads() > baseline_threads + SLOW_CONNECTIONS + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert process.num_threads() <= baseline_threads + SLOW_CONNECTIONS + 2
 
 
@@ -120,4 +149,4 @@ def test_malformed_and_oversized_requests_are_refused(exporter, request_bytes, s
     port, _ = exporter
     answer = raw_request(port, request_bytes)
     assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == status, answer[:200]
-    assert scrape_seconds(port) < 1  # and the exporter still serves
+    scrape_seconds(port)  # and the exporter still serves (raises if it does not)

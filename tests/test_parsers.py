@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.cgroupfs import (
+    minimal_roots,
     parse_flat_keyed,
     parse_pressure,
     parse_procs,
@@ -217,3 +218,12 @@ def test_list_units_keeps_loaded_units_and_their_exact_names():
     (unit,) = parse_list_units(body)
     assert unit.name == "foo\\x2dbar.service" and unit.active_state == "active" and unit.sub_state == "running"
     assert unit.object_path == b"/org/freedesktop/systemd1/unit/foo"
+
+
+def test_minimal_roots_cover_every_subtree_once():
+    paths = ["/system.slice/a.service", "/system.slice", "/user.slice/user-0.slice", "/system.slice-x/b.service",
+             "/system.slice", "/user.slice/user-0.slice/session-1.scope"]
+    # "/system.slice-x" shares a prefix with "/system.slice" but is not inside it.
+    assert minimal_roots(paths) == ["/system.slice", "/system.slice-x/b.service", "/user.slice/user-0.slice"]
+    assert minimal_roots(["/a.slice/b.service", "/", "/c.slice"]) == ["/"]  # the root holds everything
+    assert minimal_roots([]) == []

@@ -64,19 +64,28 @@ def test_frozen_dbus_daemon(testhost, exporter):
     exporter.next_sample()
     pid = testhost.show("dbus.service", "MainPID")["MainPID"]
     slowest = 0.0
+    scrapes = 0
     stop = threading.Event()
     marked = {"down": False, "private": False}
+    # What the watcher saw go wrong; asserted below, in the test's own thread.
+    problems: list[str] = []
 
     def watch():
-        nonlocal slowest
+        nonlocal slowest, scrapes
         while not stop.is_set():
             started = time.monotonic()
-            m = exporter.scrape()
+            try:
+                m = exporter.scrape()
+            except Exception as e:  # noqa: BLE001 - a failed scrape is what this test looks for
+                problems.append(f"scrape failed: {e!r}")
+            else:
+                scrapes += 1
+                marked["down"] |= m.get("systemd_memory_exporter_source_up", source="dbus") == 0
+                marked["private"] |= m.get("systemd_memory_exporter_dbus_transport_info", transport="private_socket") == 1
+                if not (m.get("systemd_unit_memory_bytes", unit=hog, type="rss_anon") or 0) > 0:
+                    problems.append(f"{hog} not reported during the freeze")  # the last known units stay
             slowest = max(slowest, time.monotonic() - started)
-            marked["down"] |= m.get("systemd_memory_exporter_source_up", source="dbus") == 0
-            marked["private"] |= m.get("systemd_memory_exporter_dbus_transport_info", transport="private_socket") == 1
-            assert m.value("systemd_unit_memory_bytes", unit=hog, type="rss_anon") > 0  # still reported
-            time.sleep(0.2)
+            stop.wait(0.2)
 
     testhost.run(["kill", "-STOP", pid])
     watcher = threading.Thread(target=watch)
@@ -89,7 +98,8 @@ def test_frozen_dbus_daemon(testhost, exporter):
     finally:
         testhost.run(["kill", "-CONT", pid])
         stop.set()
-        watcher.join()
+        watcher.join(timeout=15)  # one scrape times out after 10 s
+    assert not watcher.is_alive(), "the watcher's scrape hung"
     resumed = time.monotonic()
     unit = workloads.anon_hog(testhost, 5)
     try:
@@ -97,8 +107,12 @@ def test_frozen_dbus_daemon(testhost, exporter):
         recovery = time.monotonic() - resumed
     finally:
         workloads.stop_units(testhost, [unit, hog])
+    assert not problems, problems[:5]
+    assert scrapes >= FREEZE_SECONDS, f"only {scrapes} scrapes during a {FREEZE_SECONDS}s freeze"
     assert later_sample > frozen_sample, "sampling must go on while D-Bus is frozen"
-    assert slowest < 1.0, f"a scrape took {slowest:.2f}s during the freeze"
+    # The figure is printed below; only a scrape stuck behind D-Bus (sd-bus waits up to 90 s)
+    # breaks this bound. Typical: a few ms.
+    assert slowest < 5.0, f"a scrape took {slowest:.2f}s during the freeze"
     assert marked["down"] or marked["private"], "the freeze must show in the self-metrics"
     if marked["down"]:
         assert exporter.scrape().value("systemd_memory_exporter_errors_total", source="dbus", reason="timeout") > 0

@@ -84,7 +84,10 @@ def test_churn_soak(testhost):
                 workloads.stop_units(testhost, units)
                 stopped = time.monotonic()
                 exporter.next_sample()
-                while set(units) & exporter.scrape().label_values("systemd_unit_info", "unit"):
+                # Far past the bound asserted below, so a series that never goes fails here.
+                deadline = stopped + 10 * INTERVAL + 10
+                while left := set(units) & exporter.scrape().label_values("systemd_unit_info", "unit"):
+                    assert time.monotonic() < deadline, f"wave {wave}: {len(left)} stopped units still reported"
                     time.sleep(0.05)
                 disappear.append(time.monotonic() - stopped)
                 if wave == 1:
@@ -92,7 +95,8 @@ def test_churn_soak(testhost):
             final = footprint(process)
         finally:
             stop.set()
-            thread.join()
+            thread.join(timeout=15)  # a scrape times out after 10 s
+        assert not thread.is_alive(), "the scraper thread hung"
         minutes = (time.monotonic() - started_at) / 60
     print(
         f"\nsoak: {UNITS} units in {minutes:.1f} min; {scrapes} scrapes, {len(failures)} failed, slowest "

@@ -80,8 +80,14 @@ def test_binds_are_live_both_ways(testhost):
 
 
 def test_python_inside_has_exporter_dependencies(testhost):
-    out = testhost.run(["python3", "-c", "import pystemd, psutil, prometheus_client, sys; print(sys.executable)"])
-    assert out.stdout.strip() == testhost.python
+    """`python3` inside is the interpreter running the tests: the same environment (a venv's
+    prefix, or the system's) and the same binary. Compared by prefix and file, not by name: in a
+    venv, <venv>/bin/python3 is a symlink to the <venv>/bin/python pytest may run as."""
+    out = testhost.run(["python3", "-c", "import pystemd, psutil, prometheus_client, sys; print(sys.prefix); "
+                                         "print(sys.executable)"])
+    prefix, executable = out.stdout.split()
+    assert prefix == sys.prefix
+    assert os.path.samefile(executable, testhost.python), (executable, testhost.python)
 
 
 # ------------------------------------------------------------ run / popen

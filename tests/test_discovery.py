@@ -1,0 +1,98 @@
+"""Discovery.refresh (exporter/systemd.py) against the real systemd and D-Bus of the test host:
+its ControlGroup cache (one Get per new or changed unit, none for a unit seen before), and a unit
+whose object is gone by the time of its Get (skipped, the rest still returned)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.testhost import workloads
+
+pytestmark = pytest.mark.e2e
+
+# Runs inside the host: the real Discovery, on the real bus. It only records the ControlGroup
+# reads it makes (a spy: each still goes to systemd) and, when asked, adds to ListUnits' answer a
+# unit whose object does not exist, as a unit that went away between ListUnits and Get looks.
+SESSION = r"""
+import json, sys
+from exporter.systemd import Discovery, ListedUnit, UnitFilter
+
+class Recording(Discovery):
+    ghost = False
+    gets = []
+
+    def _list_units(self, bus):
+        listed = Discovery._list_units(bus)
+        if self.ghost:
+            listed.append(ListedUnit("th-disc-ghost.service", "active", "running",
+                                     b"/org/freedesktop/systemd1/gone/th_2ddisc_2dghost_2eservice"))
+        return listed
+
+    def _control_group(self, bus, unit):
+        self.gets.append(unit.name)
+        return super()._control_group(bus, unit)
+
+discovery = Recording(UnitFilter.build("th-disc-.*"))
+for line in sys.stdin:
+    discovery.ghost = line.strip() == "ghost"
+    discovery.gets.clear()
+    units = discovery.refresh()
+    print(json.dumps({"units": sorted(u.name for u in units), "gets": sorted(discovery.gets),
+                      "connected": discovery._bus is not None}), flush=True)
+"""
+
+
+class Session:
+    def __init__(self, host):
+        self.proc = host.popen(["python3", "-c", SESSION], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+
+    def refresh(self, command: str = "refresh") -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()  # bounded: every D-Bus call has $SYSTEMD_BUS_TIMEOUT (5 s)
+        assert line, f"the discovery session ended: {self.proc.stderr.read()}"
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_control_groups_are_read_once_per_new_or_changed_unit(testhost):
+    first = workloads.start_unit(testhost, "th-disc-1.service", ["sleep", "600"])
+    session = Session(testhost)
+    started = [first]
+    try:
+        assert session.refresh() == {"units": [first], "gets": [first], "connected": True}
+        assert session.refresh()["gets"] == []  # nothing new, nothing changed: no Get at all
+        second = workloads.start_unit(testhost, "th-disc-2.service", ["sleep", "600"])
+        started.append(second)
+        assert session.refresh() == {"units": [first, second], "gets": [second], "connected": True}
+        workloads.stop_units(testhost, [first])
+        assert session.refresh() == {"units": [second], "gets": [], "connected": True}
+        # Started again under the same name, it is new again: its entry left with it.
+        workloads.start_unit(testhost, first, ["sleep", "600"])
+        assert session.refresh() == {"units": [first, second], "gets": [first], "connected": True}
+    finally:
+        session.close()
+        workloads.stop_units(testhost, started)
+
+
+def test_a_unit_gone_before_its_get_is_skipped_and_the_rest_returned(testhost):
+    unit = workloads.start_unit(testhost, "th-disc-3.service", ["sleep", "600"])
+    session = Session(testhost)
+    try:
+        answer = session.refresh("ghost")  # systemd answers UnknownObject for the ghost's Get
+        assert answer == {"units": [unit], "gets": [unit, "th-disc-ghost.service"], "connected": True}
+        assert session.refresh()["units"] == [unit]  # the connection was kept, not dropped
+    finally:
+        session.close()
+        workloads.stop_units(testhost, [unit])
