@@ -726,7 +726,11 @@ def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path |
             host, body, opts, max(2 * opts.interval, 1.0))
     if opts.peers:
         log(opts, f"{size}: peers")
-        result.update(measure_peers(host, size, opts, trace=opts.trace_peers and is_default))
+        try:
+            result.update(measure_peers(host, size, opts, trace=opts.trace_peers and is_default))
+        except Exception as e:  # noqa: BLE001 - a peer that fails must not take our figures with it
+            log(opts, f"{size}: peers failed: {e}")
+            result["peers_error"] = f"{type(e).__name__}: {e}"[:500]
     result["ratios"] = ratios(result)
     return result
 
