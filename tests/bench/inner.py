@@ -135,7 +135,7 @@ def one_cycle(sampler: Sampler, clock: Clock, pause=None) -> dict:
     clock.mark("start")
     snapshot = sampler.sample()
     clock.mark("built")
-    published = publish(snapshot) if pause is None else publish(snapshot, pause)
+    published = publish(snapshot) if pause is None else publish(snapshot, pause=pause)
     clock.mark("rendered")
     spans = {
         "discovery": clock.span("start", "discovery_end"),
