@@ -141,6 +141,11 @@ def test_dashboards_why_view_and_verdict_show_libvirtds_page_cache(testhost, exp
     libvirtd's gap as unmapped page cache, each column equal to the exporter's own series, and the
     unit dashboard's verdict tile says page cache (1), as explain does."""
     unit = libvirt["daemon"]
+    # Read the volume again through libvirtd: this machine's kernel pages out cache idle for a
+    # minute (DAMON; tests/testhost/workloads.py keep_warm), and the fixture's reads are older.
+    workloads.virsh(testhost, "vol-download", "--pool", "th", "big.img", str(testhost.data_dir / "th-download.img"),
+                    timeout=300)
+    exporter.next_sample()
     instance = f"127.0.0.1:{exporter.port}"
     values = {"instance": instance, "job": prom.JOB, "unit_name": unit, "__range": "1m", "__interval": "5s"}
     with prom.running([instance], tmp_path, free_port()) as (prometheus, proc):
