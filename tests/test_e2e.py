@@ -54,14 +54,7 @@ def exporter(testhost):
 @pytest.fixture(scope="module")
 def units(testhost, exporter):
     """One of each workload, started once for the module."""
-    started = {
-        "anon": workloads.anon_hog(testhost, 150),
-        "cache": workloads.page_cache_reader(testhost, 200),
-        "shm": workloads.shm_writer(testhost, 100),
-        "multi": workloads.multi_process(testhost, children=4, mib=20),
-        "nested": workloads.nested_slice(testhost),
-        "escaped": workloads.escaped_name(testhost),
-    }
+    started = workloads.truth_workloads(testhost)
     exporter.next_sample()
     yield started
     workloads.stop_units(testhost, started.values())

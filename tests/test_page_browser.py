@@ -225,12 +225,7 @@ def exporter(testhost):
 def units(testhost, exporter):
     """The test host's sample workloads (the README's picture shows them), plus a MemoryMax."""
     started = {
-        "anon": workloads.anon_hog(testhost, 150),
-        "cache": workloads.page_cache_reader(testhost, 200),
-        "shm": workloads.shm_writer(testhost, 100),
-        "multi": workloads.multi_process(testhost, children=4, mib=20),
-        "nested": workloads.nested_slice(testhost),
-        "escaped": workloads.escaped_name(testhost),
+        **workloads.truth_workloads(testhost),
         "limited": workloads.payload(testhost, "th-limited.service", "anon", 60,
                                      properties=["MemoryMax=200M"]),
     }

@@ -216,6 +216,18 @@ def escaped_name(host: TestHost, raw: str | None = None, mib: int = 10) -> str:
     return payload(host, f"{escaped}.service", "anon", mib)
 
 
+def truth_workloads(host: TestHost) -> dict[str, str]:
+    """One of each kind, by role: what the truth suite checks and the README's picture shows."""
+    return {
+        "anon": anon_hog(host, 150),
+        "cache": page_cache_reader(host, 200),
+        "shm": shm_writer(host, 100),
+        "multi": multi_process(host, children=4, mib=20),
+        "nested": nested_slice(host),
+        "escaped": escaped_name(host),
+    }
+
+
 def short_lived(host: TestHost, count: int = 3, lifetime: float = 0.5, prefix: str = "th-short") -> list[str]:
     """Starts `count` units, lets them live `lifetime` seconds, stops them; returns
     their (now gone) names."""
