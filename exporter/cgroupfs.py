@@ -13,9 +13,10 @@ Semantics (Documentation/admin-guide/cgroup-v1/memory.rst, cgroup-v2.rst):
 
 from __future__ import annotations
 
+import operator
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 
 from .kernelfiles import ParseError, parse_uint, read_text
@@ -75,6 +76,49 @@ def parse_flat_keyed(text: str, skipped: list[str] | None = None) -> dict[str, i
     return values
 
 
+class SelectedKeys:
+    """Chosen keys of a flat keyed file, as ``parse_flat_keyed`` would give them, renamed, in the
+    order they were chosen in.
+
+    Every cgroup of a running kernel prints the same keys of memory.stat (memory.events,
+    oom_control) in the same order, so the layout of the last well-formed text is learned as one
+    regex of its literal keys that captures only the wanted values: one fullmatch checks the
+    whole file and finds them (3.4 us for v1's 42 lines, where splitting it and converting every
+    value cost 10 us: tests/bench). A text of another layout takes parse_flat_keyed (same values,
+    same skipped lines) and teaches its layout to the next call. The learned layout changes how
+    fast a text is parsed, never what it parses to.
+    """
+
+    def __init__(self, wanted: Mapping[str, str]):
+        self._wanted = dict(wanted)  # key in the file -> name in the result
+        # The learned regex, the names it finds (in the wanted order), and how to pick their
+        # values out of its groups (which come in the file's order).
+        self._layout: tuple[re.Pattern[str], tuple[str, ...], Callable[[tuple], Iterable[str]]] | None = None
+
+    def parse(self, text: str, skipped: list[str] | None = None) -> dict[str, int]:
+        layout = self._layout
+        if layout is not None:
+            match = layout[0].fullmatch(text)
+            if match is not None:
+                # [0-9]+ groups: ASCII digits, on which int() agrees with parse_uint.
+                return dict(zip(layout[1], map(int, layout[2](match.groups()))))
+        values = parse_flat_keyed(text, skipped)
+        if text.endswith("\n") and _WELL_FORMED_FLAT_KEYED.fullmatch(text):
+            self._learn(text.split()[::2])
+        return {name: values[key] for key, name in self._wanted.items() if key in values}
+
+    def _learn(self, keys: list[str]) -> None:
+        if len(set(keys)) != len(keys):
+            return  # a repeated key: parse_flat_keyed keeps the last, so no shortcut for it
+        wanted = self._wanted
+        pattern = "".join(f"{re.escape(k)} ([0-9]+)\n" if k in wanted else f"{re.escape(k)} [0-9]+\n" for k in keys)
+        group_of = {k: i for i, k in enumerate(k for k in keys if k in wanted)}
+        found = [k for k in wanted if k in group_of]
+        picks = [group_of[k] for k in found]
+        pick = operator.itemgetter(*picks) if len(picks) > 1 else (lambda groups: [groups[i] for i in picks])
+        self._layout = (re.compile(pattern), tuple(wanted[k] for k in found), pick)
+
+
 @record
 class Pressure:
     """One PSI line's cumulative stall time; the avg* fields are derivable from it in PromQL."""
@@ -83,8 +127,18 @@ class Pressure:
     full_total_us: int | None  # memory.pressure always has "full"; kept optional for cpu-like files
 
 
+# memory.pressure as every kernel since 4.20 prints it: the one-regex path of parse_pressure.
+_PRESSURE_LINES = re.compile(
+    r"some avg10=[0-9.]+ avg60=[0-9.]+ avg300=[0-9.]+ total=([0-9]+)\n"
+    r"full avg10=[0-9.]+ avg60=[0-9.]+ avg300=[0-9.]+ total=([0-9]+)\n"
+)
+
+
 def parse_pressure(text: str) -> Pressure:
     """memory.pressure: "some avg10=0.00 avg60=0.00 avg300=0.00 total=123" (+ a "full" line)."""
+    lines = _PRESSURE_LINES.fullmatch(text)
+    if lines is not None:  # once per unit per cycle: a fifth of the loop below
+        return Pressure(int(lines[1]), int(lines[2]))
     totals: dict[str, int] = {}
     for line in text.splitlines():
         if not line:

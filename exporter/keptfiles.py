@@ -112,6 +112,35 @@ class KeptFiles:
                 return data
         return self._open_and_read(path)
 
+    def read_many(self, paths: list[str | bytes]) -> list[bytes | OSError]:
+        """read_bytes of each path, with the OSError it would raise in place of a file's bytes.
+
+        The hot loop of a cycle (every status file of a cgroup, every memory file of a unit):
+        a kept descriptor read in full by one pread is handled here without a call per file;
+        everything else (a first read, a full buffer, an error) goes through read_bytes.
+        """
+        unread, kept, pread = self._unread, self._read, os.pread
+        out: list[bytes | OSError] = []
+        append = out.append
+        for path in paths:
+            fd = unread.pop(path, None)
+            if fd is not None:
+                try:
+                    data = pread(fd, _READ_SIZE, 0)
+                except OSError:
+                    unread[path] = fd  # read_bytes reads it again, closes it, and opens afresh
+                else:
+                    if len(data) < _READ_SIZE:
+                        kept[path] = fd
+                        append(data)
+                        continue
+                    unread[path] = fd  # more than one buffer: read_bytes reads it whole
+            try:
+                append(self.read_bytes(path))
+            except OSError as e:
+                append(e)
+        return out
+
     def read_text(self, path: str | bytes) -> str:
         """read_bytes as text; a stray non-ASCII byte becomes U+FFFD, which the parsers reject."""
         return self.read_bytes(path).decode("ascii", errors="replace")

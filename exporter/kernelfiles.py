@@ -79,3 +79,15 @@ def read_bytes(path: str | bytes) -> bytes:
 def read_text(path: str) -> str:
     """read_bytes as text; a stray non-ASCII byte becomes U+FFFD, which the parsers reject."""
     return read_bytes(path).decode("ascii", errors="replace")
+
+
+def read_many(paths: list[str | bytes]) -> list[bytes | OSError]:
+    """read_bytes of each path, with the OSError it raised in place of a file's bytes (the
+    interface of KeptFiles.read_many, with no descriptor kept)."""
+    out: list[bytes | OSError] = []
+    for path in paths:
+        try:
+            out.append(read_bytes(path))
+        except OSError as e:
+            out.append(e)
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from .cgroupfs import MemoryVersion, Pressure, parse_flat_keyed, parse_limit, parse_pressure, parse_single_value, parse_v1_limit
+from .cgroupfs import MemoryVersion, Pressure, SelectedKeys, parse_limit, parse_pressure, parse_single_value, parse_v1_limit
 from .kernelfiles import ParseError
 from .records import record
 
@@ -108,11 +108,6 @@ class CgroupMemory:
             return None
         return max(self.usage - inactive_file, 0)
 
-    def with_pressure(self, pressure: Pressure | None) -> "CgroupMemory":
-        return CgroupMemory(
-            self.version, self.usage, self.stat, self.swap, self.limits, self.events, self.peak, pressure
-        )
-
 
 # Parse problems met while building one CgroupMemory: (file name, message) pairs. A bad file
 # leaves its figures absent; the other files of the cgroup are still used.
@@ -130,66 +125,70 @@ def _parse(files: Mapping[str, str], name: str, parser: Callable, problems: Prob
         return None
 
 
-def _parse_keyed(files: Mapping[str, str], name: str, problems: Problems) -> dict[str, int]:
-    """A flat keyed file; malformed lines are reported and skipped, the good ones kept."""
+# The memory.stat keys each version's CgroupMemory holds, and the oom_control/events keys: the
+# layouts these learn keep the per-unit parse of a cycle short (exporter/cgroupfs.py).
+_V1_SWAP = "total_swap"
+_V1_STAT = SelectedKeys({**V1_STAT_NAMES, _V1_SWAP: _V1_SWAP})
+_V1_OOM_CONTROL = SelectedKeys({"oom_kill": "oom_kill"})
+_V2_STAT = SelectedKeys({item: item for item in V2_STAT_ITEMS})
+_V2_EVENTS = SelectedKeys({event: event for event in V2_EVENTS})
+
+
+def _parse_keyed(files: Mapping[str, str], name: str, keys: SelectedKeys, problems: Problems) -> dict[str, int]:
+    """A flat keyed file's chosen keys; malformed lines are reported and skipped, the good ones kept."""
     text = files.get(name)
     if text is None:
         return {}
     skipped: list[str] = []
-    values = parse_flat_keyed(text, skipped)
-    problems.extend((name, f"skipped malformed line {line!r}") for line in skipped)
+    values = keys.parse(text, skipped)
+    if skipped:
+        problems.extend((name, f"skipped malformed line {line!r}") for line in skipped)
     return values
 
 
-def memory_from_v1(files: Mapping[str, str], problems: Problems) -> CgroupMemory:
+def memory_from_v1(files: Mapping[str, str], problems: Problems, pressure: Pressure | None = None) -> CgroupMemory:
     """``files``: file name -> text for the V1_FILES that could be read."""
-    raw_stat = _parse_keyed(files, "memory.stat", problems)
-    stat = {v2: raw_stat[v1] for v1, v2 in V1_STAT_NAMES.items() if v1 in raw_stat}
+    stat = _parse_keyed(files, "memory.stat", _V1_STAT, problems)
+    # total_swap exists only with swap accounting (memory.memsw.* files): absent otherwise.
+    swap = stat.pop(_V1_SWAP, None)
     kernel = _parse(files, "memory.kmem.usage_in_bytes", parse_single_value, problems)
     if kernel is not None:
         stat["kernel"] = kernel
-    limits = {}
     limit = _parse(files, "memory.limit_in_bytes", parse_v1_limit, problems)
-    if limit is not None:
-        limits["max"] = limit
     events = {}
     failcnt = _parse(files, "memory.failcnt", parse_single_value, problems)
     if failcnt is not None:
         events["max"] = failcnt  # times usage hit the limit: v2's "max" event
-    oom_control = _parse_keyed(files, "memory.oom_control", problems)
-    if "oom_kill" in oom_control:  # kernel 4.13+
-        events["oom_kill"] = oom_control["oom_kill"]
+    events.update(_parse_keyed(files, "memory.oom_control", _V1_OOM_CONTROL, problems))  # oom_kill: 4.13+
     return CgroupMemory(
         version=MemoryVersion.V1,
         usage=_parse(files, "memory.usage_in_bytes", parse_single_value, problems),
         stat=MappingProxyType(stat),
-        # total_swap exists only with swap accounting (memory.memsw.* files): absent otherwise.
-        swap=raw_stat.get("total_swap"),
-        limits=MappingProxyType(limits),
+        swap=swap,
+        limits=MappingProxyType({} if limit is None else {"max": limit}),
         events=MappingProxyType(events),
         peak=_parse(files, "memory.max_usage_in_bytes", parse_single_value, problems),
+        pressure=pressure,
     )
 
 
-def memory_from_v2(files: Mapping[str, str], problems: Problems) -> CgroupMemory:
-    raw_stat = _parse_keyed(files, "memory.stat", problems)
-    stat = {item: raw_stat[item] for item in V2_STAT_ITEMS if item in raw_stat}
+def memory_from_v2(files: Mapping[str, str], problems: Problems, pressure: Pressure | None = None) -> CgroupMemory:
+    stat = _parse_keyed(files, "memory.stat", _V2_STAT, problems)
     limits = {}
     for limit in LIMITS:
         value = _parse(files, "memory." + limit.replace("_", "."), parse_limit, problems)
         # "max" parses to None (no limit); 0 is the unset value of the protections low/min.
         if value is not None and not (limit in ("low", "min") and value == 0):
             limits[limit] = value
-    raw_events = _parse_keyed(files, "memory.events", problems)
-    events = {event: raw_events[event] for event in V2_EVENTS if event in raw_events}
     return CgroupMemory(
         version=MemoryVersion.V2,
         usage=_parse(files, "memory.current", parse_single_value, problems),
         stat=MappingProxyType(stat),
         swap=_parse(files, "memory.swap.current", parse_single_value, problems),
         limits=MappingProxyType(limits),
-        events=MappingProxyType(events),
+        events=MappingProxyType(_parse_keyed(files, "memory.events", _V2_EVENTS, problems)),
         peak=_parse(files, "memory.peak", parse_single_value, problems),
+        pressure=pressure,
     )
 
 

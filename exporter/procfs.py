@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from .cgroupfs import cgroup_path, child_cgroups, minimal_roots, parse_procs_bytes
 from .errorlog import CycleErrors
-from .kernelfiles import VANISHED, ParseError, parse_uint, read_bytes
+from .kernelfiles import VANISHED, ParseError, parse_uint, read_bytes, read_many
 from .records import record
 
 
@@ -116,12 +116,16 @@ class ProcessWalker:
     """
 
     def __init__(self, procs_root: str, procfs: str, errors: CycleErrors,
-                 read: Callable[[str | bytes], bytes] = read_bytes, pause: Callable[[], None] = lambda: None):
+                 read: Callable[[str | bytes], bytes] = read_bytes,
+                 read_each: Callable[[list[str | bytes]], list[bytes | OSError]] = read_many,
+                 pause: Callable[[], None] = lambda: None):
         self.procs_root = procs_root
         self.procfs = procfs
         self.errors = errors
-        # read_bytes, or a KeptFiles' (exporter/keptfiles.py): descriptors kept across cycles.
+        # read_bytes and read_many, or a KeptFiles' (exporter/keptfiles.py): descriptors kept
+        # across cycles. read_each takes a cgroup's status files in one call.
         self._read = read
+        self._read_each = read_each
         self._pause = pause  # once per cgroup: where a running scrape goes first (service.py)
         self._status = os.fsencode(procfs) + b"/%d/status"
         # hidepid=invisible makes another user's /proc/PID look like a process that exited.
@@ -165,17 +169,16 @@ class ProcessWalker:
             if self.errors.read_failed("cgroup", where, e) == VANISHED and listed:
                 self.errors.vanished("cgroup")
             return None
-        count, anon, file, shmem, swap = 0, 0, 0, 0, 0
+        # PID 0: a process outside our PID namespace (a container's launcher); it has no
+        # /proc entry here, so it is not one of the processes we can see.
+        pids = [pid for pid in pids if pid]
+        count, anon, file, shmem, swap = len(pids), 0, 0, 0, 0
         status = self._status
-        read = self._read
-        for pid in pids:
-            # PID 0: a process outside our PID namespace (a container's launcher); it has no
-            # /proc entry here, so it is not one of the processes we can see.
-            if not pid:
-                continue
-            count += 1
+        for pid, data in zip(pids, self._read_each([status % pid for pid in pids])):
             try:
-                pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(read(status % pid))
+                if type(data) is not bytes:
+                    raise data
+                pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(data)
             except (OSError, ParseError) as e:
                 if self.errors.read_failed("procfs", f"{self.procfs}/PID/status", e) == VANISHED:
                     if self._hidden(pid):

@@ -80,7 +80,7 @@ class Sampler:
         for reason, where, message in found.tree_failures:  # the user-unit walk's, in discovery
             cycle.error("cgroup", reason, where, message)
         layout = detect_layout(self.config.cgroupfs)
-        reader = CgroupReader(layout, cycle, self.files.read_text)
+        reader = CgroupReader(layout, cycle, self.files.read_many)
         # Keyed by Unit.key: a user's dbus.service is not the system's.
         memories = {}
         pause = self.pause
@@ -89,7 +89,8 @@ class Sampler:
             memories[u.key] = reader.memory(u.control_group)
         phase("cgroup")
 
-        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle, self.files.read_bytes, pause)
+        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle, self.files.read_bytes,
+                               self.files.read_many, pause)
         totals = walker.totals(u.control_group for u in found.units) if layout.procs_root else {}
         self.files.end_cycle()
         phase("procfs")

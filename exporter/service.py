@@ -89,9 +89,10 @@ def _no_pause() -> None:
 def publish(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET, pause: Callable[[], None] = _no_pause) -> Published:
     started = time.perf_counter()
     body = render(snapshot, budget, pause)
-    # Compressed here, once per snapshot, rather than per scrape; level 5 is near gzip's
-    # default ratio for metric text at about half its CPU.
-    body_gzip = gzip.compress(body, compresslevel=5, mtime=0)
+    # Compressed here, once per snapshot, rather than per scrape. Level 1: at 1,000 units it
+    # took 2.9 ms for 96 KB where level 5 took 7.3 ms for 85 KB and 6 took 10.5 ms for 75 KB;
+    # eleven kilobytes a scrape are worth less than 4 ms of every cycle.
+    body_gzip = gzip.compress(body, compresslevel=1, mtime=0)
     return Published(snapshot, body_gzip, len(body), time.perf_counter() - started)
 
 
