@@ -161,3 +161,57 @@ def test_flat_keyed_fast_path_agrees_with_the_line_loop(lines, trailing_newline)
         assert strict == _flat_keyed_by_lines(text, None)
 
 
+
+
+WANTED_KEYS = {"b": "B", "a": "A", "total_x": "x", "d": "D"}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(FLAT_KEYED_LINE | st.sampled_from(["a 1", "b 2", "total_x 3", "d 4", "a 5"]), max_size=8),
+                min_size=1, max_size=4))
+def test_selected_keys_agree_with_parse_flat_keyed_whatever_layout_was_learned(texts):
+    # Each text is parsed after the layout of the one before it was learned (or not): the
+    # values, their order and the skipped lines are those of parse_flat_keyed every time.
+    keys = cgroupfs.SelectedKeys(WANTED_KEYS)
+    for lines in texts:
+        text = "\n".join(lines) + ("\n" if lines else "")
+        skipped: list[str] = []
+        expected_skipped: list[str] = []
+        everything = parse_flat_keyed(text, expected_skipped)
+        expected = {name: everything[key] for key, name in WANTED_KEYS.items() if key in everything}
+        got = keys.parse(text, skipped)
+        assert got == expected and list(got) == list(expected)
+        assert skipped == expected_skipped
+
+
+def test_selected_keys_learn_the_kernels_layout_and_check_every_line():
+    keys = cgroupfs.SelectedKeys({"total_rss": "anon", "total_cache": "file"})
+    text = "cache 1\nrss 2\ntotal_cache 30\ntotal_rss 40\n"
+    assert keys.parse(text) == {"anon": 40, "file": 30}
+    assert keys._layout is not None  # learned: the next text of this layout takes one fullmatch
+    assert list(keys.parse(text.replace("40", "41"))) == ["anon", "file"]
+    with pytest.raises(ParseError):  # a bad value in a line nobody wants still fails the file
+        keys.parse(text.replace("rss 2", "rss x"))
+    assert keys.parse(text.replace("rss 2", "rss x"), []) == {"anon": 40, "file": 30}
+
+
+@pytest.mark.parametrize("text", [
+    "some avg10=0.00 avg60=0.00 avg300=0.00 total=12\nfull avg10=1.50 avg60=0.00 avg300=0.00 total=7\n",
+    "some avg10=0.00 avg60=0.00 avg300=0.00 total=12\n",
+    "some avg10=0.00 avg60=0.00 avg300=0.00 total=12\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=x\n",
+    "full avg10=0.00 avg60=0.00 avg300=0.00 total=7\n",
+])
+def test_pressure_fast_path_agrees_with_the_line_loop(text):
+    saved = cgroupfs._PRESSURE_LINES
+    cgroupfs._PRESSURE_LINES = re.compile("(?!)")
+    try:
+        reference_result = cgroupfs.parse_pressure(text)
+    except ParseError:
+        reference_result = ParseError
+    finally:
+        cgroupfs._PRESSURE_LINES = saved
+    try:
+        fast_result = cgroupfs.parse_pressure(text)
+    except ParseError:
+        fast_result = ParseError
+    assert fast_result == reference_result
