@@ -91,6 +91,36 @@ def parse_status_bytes(data: bytes) -> tuple[int, int, int, int]:
     return m.rss_anon, m.rss_file, m.rss_shmem, m.swap
 
 
+# One process's four lines, to the first VmSwap after them: findall over a cgroup's status
+# files joined finds one row per file that parse_status_bytes's fast path would take.
+_STATUS_ROW = re.compile(
+    rb"\nRssAnon:[ \t]*(\d+) kB\nRssFile:[ \t]*(\d+) kB\nRssShmem:[ \t]*(\d+) kB\n(?:[^\n]*\n)*?VmSwap:[ \t]*(\d+) kB\n"
+)
+
+
+def sum_status_bytes(files: list[bytes | OSError]) -> tuple[int, int, int, int] | None:
+    """parse_status_bytes summed over a cgroup's status files, or None to parse them one by one.
+
+    One findall over the joined files and four sums in C, instead of a Python loop per process
+    (1.3 us a process against 1.7, tests/bench). The kernel escapes newlines in the one line a
+    process controls (Name:), so a status file holds one such row; a file without one (a zombie,
+    a kernel thread, an odd file) makes the count come short, and None sends every file to
+    parse_status_bytes, which knows what each of them means; so does a read that failed.
+    """
+    try:
+        joined = b"".join(files)
+    except TypeError:  # an OSError in place of a file
+        return None
+    rows = _STATUS_ROW.findall(joined)
+    if len(rows) != len(files):
+        return None
+    if not rows:
+        return 0, 0, 0, 0
+    anon, file, shmem, swap = zip(*rows)
+    return (sum(map(int, anon)) << 10, sum(map(int, file)) << 10, sum(map(int, shmem)) << 10,
+            sum(map(int, swap)) << 10)
+
+
 @record
 class ProcessTotals:
     """Sums over every process in a cgroup subtree (bytes), from /proc/PID/status."""
@@ -174,23 +204,28 @@ class ProcessWalker:
         pids = [pid for pid in pids if pid]
         count, anon, file, shmem, swap = len(pids), 0, 0, 0, 0
         status = self._status
-        for pid, data in zip(pids, self._read_each([status % pid for pid in pids])):
-            try:
-                if type(data) is not bytes:
-                    raise data
-                pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(data)
-            except (OSError, ParseError) as e:
-                if self.errors.read_failed("procfs", f"{self.procfs}/PID/status", e) == VANISHED:
-                    if self._hidden(pid):
-                        self.errors.read_failed("procfs", f"{self.procfs}/PID/status", PermissionError(errno.EACCES, "hidden"))
-                    else:
-                        self.errors.vanished("process")
-                        count -= 1
-                continue
-            anon += pid_anon
-            file += pid_file
-            shmem += pid_shmem
-            swap += pid_swap
+        files = self._read_each([status % pid for pid in pids])
+        sums = sum_status_bytes(files)
+        if sums is not None:
+            anon, file, shmem, swap = sums
+        else:
+            for pid, data in zip(pids, files):
+                try:
+                    if type(data) is not bytes:
+                        raise data
+                    pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(data)
+                except (OSError, ParseError) as e:
+                    if self.errors.read_failed("procfs", f"{self.procfs}/PID/status", e) == VANISHED:
+                        if self._hidden(pid):
+                            self.errors.read_failed("procfs", f"{self.procfs}/PID/status", PermissionError(errno.EACCES, "hidden"))
+                        else:
+                            self.errors.vanished("process")
+                            count -= 1
+                    continue
+                anon += pid_anon
+                file += pid_file
+                shmem += pid_shmem
+                swap += pid_swap
         prefix = "" if cgroup == "/" else cgroup
         for child in children:
             sub = self._walk(f"{prefix}/{child}", result)
