@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import platform
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -314,8 +314,20 @@ def _text(families: list[Family]) -> bytes:
     return b"".join("".join(family.lines).encode() for family in families)
 
 
+def render_families(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET,
+                    pause: Callable[[], None] = _no_pause) -> Iterator[bytes]:
+    """The snapshot's text a family at a time, each family's lines let go once it is encoded:
+    publish() compresses the pieces as they come, so the whole plain text (1.6 MB at 1,000
+    units) and the lines' strings never exist at once."""
+    families = unit_families(snapshot, budget, pause) + health_families(snapshot)
+    families.reverse()
+    while families:
+        family = families.pop()
+        yield "".join(family.lines).encode()
+
+
 def render(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET, pause: Callable[[], None] = _no_pause) -> bytes:
-    return _text(unit_families(snapshot, budget, pause) + health_families(snapshot))
+    return b"".join(render_families(snapshot, budget, pause))
 
 
 def _client_family(metric: Metric) -> Family:
