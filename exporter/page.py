@@ -14,6 +14,7 @@ import html
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, unquote
@@ -447,7 +448,9 @@ class Pages:
         self.grafana_url = grafana_url.rstrip("/")
         self.renders = 0  # landing renders so far: tests check it stays one per snapshot
         self._lock = threading.Lock()
-        self._rendered_for: object = object()
+        # A weak reference: holding the Published would keep a replaced snapshot alive (and
+        # free it in a web thread) until the next visit.
+        self._rendered_for: weakref.ref | None = None
         self._landing_gzip = b""
 
     def handles(self, path: str) -> bool:
@@ -456,10 +459,10 @@ class Pages:
     def landing_gzip(self, published: Published | None) -> bytes:
         """The landing page for ``published``, gzipped."""
         with self._lock:
-            if self._rendered_for is not published:
+            if self._rendered_for is None or self._rendered_for() is not published:
                 body = landing_page(published, self.telemetry_path, self.grafana_url).encode()
                 self._landing_gzip = gzip.compress(body, compresslevel=5, mtime=0)
-                self._rendered_for = published
+                self._rendered_for = None if published is None else weakref.ref(published)
                 self.renders += 1
             return self._landing_gzip
 

@@ -314,6 +314,10 @@ def _text(families: list[Family]) -> bytes:
     return b"".join("".join(family.lines).encode() for family in families)
 
 
+# Lines joined and compressed at a time by render_families (about 0.2 ms of GIL each).
+JOIN_LINES = 2000
+
+
 def render_families(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET,
                     pause: Callable[[], None] = _no_pause) -> Iterator[bytes]:
     """The snapshot's text a family at a time, each family's lines let go once it is encoded:
@@ -322,8 +326,11 @@ def render_families(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET,
     families = unit_families(snapshot, budget, pause) + health_families(snapshot)
     families.reverse()
     while families:
-        family = families.pop()
-        yield "".join(family.lines).encode()
+        lines = families.pop().lines
+        # In pieces: one join of a family's lines (24,000 at 3,000 units) held the GIL in C
+        # for milliseconds; between pieces a waiting scrape can take it.
+        for start in range(0, len(lines), JOIN_LINES):
+            yield "".join(lines[start:start + JOIN_LINES]).encode()
 
 
 def render(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET, pause: Callable[[], None] = _no_pause) -> bytes:

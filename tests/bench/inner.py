@@ -155,7 +155,7 @@ def one_cycle(sampler: Sampler, clock: Clock, pause=None) -> dict:
         "render": clock.span("built", "rendered"),
     }
     root = snapshot.unit("-.slice")
-    return {
+    result = {
         "cpu": {k: v[0] for k, v in spans.items()},
         "wall": {k: v[1] for k, v in spans.items()},
         "units": len(snapshot.units),
@@ -166,6 +166,12 @@ def one_cycle(sampler: Sampler, clock: Clock, pause=None) -> dict:
         "snapshot_cpu_seconds": snapshot.cpu_seconds,
         "errors": sum(snapshot.errors.values()),
     }
+    let_go = getattr(service_module, "let_go", None)
+    if pause is not None and let_go is not None:  # as SampleLoop frees a replaced snapshot
+        units = list(snapshot.units)
+        del snapshot, published, root
+        let_go(units, pause)
+    return result
 
 
 def cmd_cycle(args) -> dict:
