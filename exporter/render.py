@@ -320,9 +320,9 @@ JOIN_LINES = 2000
 
 def render_families(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET,
                     pause: Callable[[], None] = _no_pause) -> Iterator[bytes]:
-    """The snapshot's text a family at a time, each family's lines let go once it is encoded:
+    """The snapshot's text a piece at a time, each family's lines let go once they are encoded:
     publish() compresses the pieces as they come, so the whole plain text (1.6 MB at 1,000
-    units) and the lines' strings never exist at once."""
+    units) never exists at once beside the lines it is made of."""
     families = unit_families(snapshot, budget, pause) + health_families(snapshot)
     families.reverse()
     while families:
