@@ -39,6 +39,7 @@ from exporter import cli
 from exporter.render import DEFAULT_BUDGET, EVERY_SERIES, SeriesBudget
 from tests.bench import series as series_bench
 from tests.fleet_exporter import EVERY_SERIES_FLAGS
+from tests.processes import end
 from tests.rules import promql_names, queries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,12 +170,7 @@ class Prom:
         raise AssertionError(f"{self.name}: {what} within {timeout:.0f}s (last: {last!r})\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end(self.proc, timeout=30)
 
 
 def raw_samples(prom: Prom, at: float, drop: tuple[str, ...] = ()) -> dict:
@@ -400,12 +396,7 @@ def remote_write(url: str) -> dict:
 
 
 def _end(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    end(proc, timeout=10)
 
 
 def test_fleet_dashboard_queries_return_data(fleet):

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.webconfig import BasicAuth, WebConfigError, load
+from tests.processes import end
 
 ROOT = Path(__file__).resolve().parents[1]
 # Always in the exporter's own output: proves a response carried metrics.
@@ -136,12 +137,7 @@ def exporter(tmp_path, pki):
 
     yield start
     for e in started:
-        e.proc.terminate()
-        try:
-            e.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            e.proc.kill()
-            e.proc.wait()
+        end(e.proc, timeout=10)
         # Refused clients must be handled, not crash a thread with a traceback.
         assert "Traceback" not in e.stderr.read_text(), e.stderr.read_text()
 

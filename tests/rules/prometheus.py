@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .queries import RULES_DIR
+from tests.processes import end
 
 JOB = "systemd-memory-exporter"
 RULE_FILES = (RULES_DIR / "recording-rules.yml", RULES_DIR / "alerting-rules.yml")
@@ -97,9 +98,4 @@ def running(targets: list[str], workdir: Path, port: int, scrape_interval: str =
     try:
         yield Prometheus(f"http://127.0.0.1:{port}", log), proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end(proc, timeout=30)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .image import GUEST_PROJECT, PROJECT_TAG, VENV
+from tests.processes import end
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_ARGS = [
@@ -191,12 +192,7 @@ class Guest:
             self._conn.close()
             self._conn = None
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end(self.proc, timeout=15)
         for path in (self.swap_path, self.socket_path):
             path.unlink(missing_ok=True)
 
