@@ -3,12 +3,17 @@ per scrape (exporter/render.py's render_scrape, the one writer of every /metrics
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
+
 import pytest
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.render import render_scrape
-from exporter.web import gzip_accepted, parse_listen_address
+from exporter.web import gzip_accepted, parse_listen_address, send_parts
 
 
 @pytest.mark.parametrize(
@@ -71,3 +76,29 @@ def test_own_process_lines_carry_what_client_python_would_write():
     assert "\nsystemd_memory_exporter_render_duration_seconds 0.25\n" in ours
     # Before the first snapshot there is no render time to report.
     assert "render_duration" not in render_scrape(registry.collect(), None).decode()
+
+
+def test_parts_sent_by_sendmsg_arrive_whole_and_in_order_when_the_kernel_takes_a_few_at_a_time():
+    """A 3 MiB body through a 4 KiB send buffer to a reader that sips: with a socket timeout,
+    sendmsg returns after part of a part, and send_parts must go on from that byte."""
+    parts = [b"HTTP/1.1 200 OK\r\n\r\n", os.urandom(3 << 20), b"", b"tail"]
+    sender, receiver = socket.socketpair()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender.settimeout(10)
+    received = bytearray()
+
+    def read() -> None:
+        while chunk := receiver.recv(65536):
+            received.extend(chunk)
+            time.sleep(0.0002)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        send_parts(sender, None, parts)
+    finally:
+        sender.close()
+        reader.join(30)
+        receiver.close()
+    assert not reader.is_alive()
+    assert received == b"".join(parts)
