@@ -158,6 +158,10 @@ class ProcessWalker:
         self._read_each = read_each
         self._pause = pause  # once per cgroup: where a running scrape goes first (service.py)
         self._status = os.fsencode(procfs) + b"/%d/status"
+        # cgroup -> (PIDs, child cgroups) as this walk read them: ([], []) for one that went
+        # away, None for one that could not be read. The PSS pass (exporter/pss.py) takes its
+        # processes from here, so cgroup.procs is read once per cycle and both see the same PIDs.
+        self.listings: dict[str, tuple[list[int], list[str]] | None] = {}
         # hidepid=invisible makes another user's /proc/PID look like a process that exited.
         # kill(pid, 0) tells them apart, but only for a procfs of our own PID namespace.
         try:
@@ -196,12 +200,15 @@ class ProcessWalker:
         except (OSError, ParseError) as e:
             # A parse error names the file; an OSError may come from the listing too.
             where = directory + "/cgroup.procs" if isinstance(e, ParseError) else directory
-            if self.errors.read_failed("cgroup", where, e) == VANISHED and listed:
+            vanished = self.errors.read_failed("cgroup", where, e) == VANISHED
+            if vanished and listed:
                 self.errors.vanished("cgroup")
+            self.listings[cgroup] = ([], []) if vanished else None
             return None
         # PID 0: a process outside our PID namespace (a container's launcher); it has no
         # /proc entry here, so it is not one of the processes we can see.
         pids = [pid for pid in pids if pid]
+        self.listings[cgroup] = (pids, children)
         count, anon, file, shmem, swap = len(pids), 0, 0, 0, 0
         status = self._status
         files = self._read_each([status % pid for pid in pids])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .cgroupfs import cgroup_path, child_cgroups, parse_procs_bytes
@@ -122,8 +122,11 @@ class PssCollector:
         self._statm = os.fsencode(procfs) + b"/%d/statm"
         self._rollup = os.fsencode(procfs) + b"/%d/smaps_rollup"
 
-    def collect(self, units: Iterable[Unit], procs_root: str | None) -> PssResult:
-        """``procs_root``: the hierarchy holding the units' cgroup.procs (Layout.procs_root)."""
+    def collect(self, units: Iterable[Unit], procs_root: str | None,
+                listings: Mapping[str, tuple[list[int], list[str]] | None] | None = None) -> PssResult:
+        """``procs_root``: the hierarchy holding the units' cgroup.procs (Layout.procs_root).
+        ``listings``: the process walk's of this cycle (ProcessWalker.listings), so its
+        cgroup.procs files are not read twice; a cgroup it did not list is read here."""
         # Deepest cgroups first: a service before the slice holding it, so a slice costs only
         # the processes its children did not already read this cycle.
         order = sorted(
@@ -139,7 +142,7 @@ class PssCollector:
         rotated = order[start:] + order[:start]
         deadline = self.clock() + self.budget
         processes: dict[int, Rollup | str] = {}  # this cycle's reads, shared by nested units
-        listings: dict[str, tuple[list[int], list[str]] | None] = {}
+        listings = dict(listings or {})
         self._resume_at = None
         for position, unit in enumerate(rotated):
             pids = self._subtree_pids(procs_root, unit.control_group, listings)
@@ -203,7 +206,7 @@ class PssCollector:
         while stack:
             current = stack.pop()
             if current not in listings:
-                listings[current] = _listing(root, current)
+                listings[current] = _VANISHED_LISTING if _not_in_parent(current, listings) else _listing(root, current)
             listing = listings[current]
             if listing is _UNREADABLE:
                 return None
@@ -215,6 +218,14 @@ class PssCollector:
 
 
 _VANISHED_LISTING: tuple[list[int], list[str]] = ([], [])
+
+
+def _not_in_parent(cgroup: str, listings: Mapping[str, tuple[list[int], list[str]] | None]) -> bool:
+    """The cycle's listing of the parent directory has no such child: the cgroup does not exist
+    (systemd names a ControlGroup for idle sockets and mounts that have no directory)."""
+    parent, _, name = cgroup.rpartition("/")
+    listing = listings.get(parent or "/", _UNREADABLE)
+    return listing is not _UNREADABLE and name not in listing[1]
 
 
 def _listing(root: str, cgroup: str) -> tuple[list[int], list[str]] | None:

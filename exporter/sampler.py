@@ -97,7 +97,7 @@ class Sampler:
 
         pss: dict[str, tuple[int, int] | None] = {}
         if self.pss is not None:
-            pss = self.pss.collect(found.units, layout.procs_root).values
+            pss = self.pss.collect(found.units, layout.procs_root, walker.listings).values
             phase("pss")
 
         units = []

@@ -4,13 +4,15 @@ fixture tree, and on the real-systemd test host a forked unit whose PSS is below
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
 from exporter.kernelfiles import ParseError
 from exporter.pss import NO_MAPPINGS, PAGE_SIZE, PssCollector, Rollup, parse_smaps_rollup
-from exporter.systemd import Unit
+from exporter.systemd import DiscoveryResult, Unit
 
 # /proc/self/smaps_rollup of `cat` on the development VM (Debian 12, kernel 6.18.44, x86_64),
 # captured verbatim with `cat /proc/self/smaps_rollup`.
@@ -155,6 +157,50 @@ def test_a_unit_bigger_than_the_budget_does_not_starve_the_others(tmp_path):
     collector.collect(units, root)
     second = collector.collect(units, root)
     assert second.values["tiny.service"] is not None
+
+
+def test_the_walks_listings_are_used_and_a_cgroup_it_did_not_list_is_read(tmp_path):
+    """The PSS pass takes the process walk's PIDs (cgroup.procs read once a cycle, the same PIDs
+    for RSS and PSS); a cgroup missing from them is listed by the pass itself."""
+    root, procfs = make_tree(tmp_path, {
+        "/a.slice": {},
+        "/a.slice/x.service": {10: (100, 40, 30), 11: (100, 20, 10)},
+        "/a.slice/y.service": {12: (100, 5, 5)},
+    })
+    # Since the walk, x.service's file changed: a pass that read it again would find PID 13,
+    # which has no /proc entry, and give x.service nothing.
+    (Path(root) / "a.slice/x.service/cgroup.procs").write_text("13\n")
+    listings = {"/a.slice/x.service": ([10, 11], [])}
+    units = [unit("a.slice", "/a.slice"), unit("x.service", "/a.slice/x.service"), unit("y.service", "/a.slice/y.service")]
+    result = PssCollector(procfs, budget=60).collect(units, root, listings)
+    kib = 1024
+    assert result.values == {"x.service": (60 * kib, 40 * kib), "y.service": (5 * kib, 5 * kib),
+                             "a.slice": (65 * kib, 45 * kib)}
+    assert listings == {"/a.slice/x.service": ([10, 11], [])}  # the caller's mapping is left as it was
+
+
+def test_a_cycle_with_pss_reads_each_cgroup_procs_once(monkeypatch):
+    """Sampler with --collector.pss on the hybrid capture: the PSS pass opens no cgroup.procs."""
+    import exporter.pss
+    from exporter.sampler import Sampler, SamplerConfig
+    from tests.test_sampler import FIXTURES, load_units
+
+    tree = FIXTURES / "hybrid"
+    read_by_pss = []
+    original = exporter.pss.read_bytes
+
+    def recording(path):
+        read_by_pss.append(os.fsdecode(path))
+        return original(path)
+
+    monkeypatch.setattr(exporter.pss, "read_bytes", recording)
+    units = load_units(tree)
+    config = SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup"), pss=True, kept_files=0)
+    found = DiscoveryResult(units, True, "", time.time(), "system_bus")
+    snapshot = Sampler(config, lambda: found).sample()
+    assert read_by_pss, "the PSS pass read nothing: the test would prove nothing"
+    assert not [path for path in read_by_pss if path.endswith("cgroup.procs")]
+    assert all(sample.pss is not None for sample in snapshot.units if sample.processes.processes)
 
 
 # --------------------------------------------------------------------- on the test host
