@@ -21,11 +21,12 @@ from tests.truth import (
     MiB,
     check_accounting_off,
     check_anon_hog,
+    check_rss_is_proc_sums,
     check_multi_process,
     check_page_cache_reader,
     check_tmpfs_writer,
     exporter_in_host,
-    proc_sums_script,
+    proc_sums,
 )
 
 pytestmark = pytest.mark.e2e
@@ -108,15 +109,8 @@ def test_rss_equals_proc_sums_for_the_same_pids(testhost, exporter, units):
     """Sum /proc/PID/status inside the host, independently of the exporter's code."""
     for key in ("anon", "multi", "nested"):
         unit = units[key]
-        cgroup = testhost.unit_cgroup(unit)
-        sums = proc_sums_script(f"/sys/fs/cgroup/{testhost.procs_hierarchy}{cgroup}")
-        expected = {k: int(v) for k, v in (x.split("=") for x in testhost.run(["python3", "-c", sums]).stdout.split())}
-        m = exporter.scrape()
-        assert m.value("systemd_unit_processes", unit=unit) == expected["processes"]
-        for kind in ("rss_anon", "rss_file", "rss_shmem"):
-            assert m.value("systemd_unit_memory_bytes", unit=unit, type=kind) == pytest.approx(
-                expected[kind], rel=0.02, abs=256 * 1024
-            ), (unit, kind)
+        expected = proc_sums(testhost, f"/sys/fs/cgroup/{testhost.procs_hierarchy}{testhost.unit_cgroup(unit)}")
+        check_rss_is_proc_sums(exporter.scrape(), unit, expected)
 
 
 def test_multi_process_unit_counts_its_processes(exporter, units):

@@ -107,7 +107,7 @@ def test_units_beyond_the_cap_are_skipped_and_counted_once():
 import pytest  # noqa: E402
 
 from tests.testhost import workloads  # noqa: E402
-from tests.truth import MiB, exporter_in_host, proc_sums_script  # noqa: E402
+from tests.truth import MiB, check_rss_is_proc_sums, exporter_in_host, proc_sums  # noqa: E402
 
 USER, UID = "u", 1500
 INTERVAL = 1.0
@@ -134,38 +134,26 @@ def exporter(testhost, user_units):
         yield client
 
 
-def _series(m, name, **labels):
-    """Samples of ``name`` with these labels; uid=None means: no uid label at all."""
-    return [s for s in m.samples if s.name == name
-            and all((k not in s.labels) if v is None else s.labels.get(k) == v for k, v in labels.items())]
-
-
-def _one(m, name, **labels) -> float:
-    found = _series(m, name, **labels)
-    assert len(found) == 1, (name, labels, found)
-    return found[0].value
-
-
 @pytest.mark.e2e
 def test_user_unit_is_reported_with_its_uid(testhost, exporter, user_units):
     m = exporter.scrape()
     unit = user_units["hog"]
     show = workloads.user_show(testhost, USER, unit, "ControlGroup", "MemoryCurrent", "ActiveState")
-    [info] = _series(m, "systemd_unit_info", unit=unit, uid=str(UID))
+    [info] = m.series("systemd_unit_info", unit=unit, uid=str(UID))
     assert info.labels["control_group"] == show["ControlGroup"] == f"/user.slice/user-{UID}.slice/user@{UID}.service/app.slice/{unit}"
     assert info.labels["unit_type"] == "service" and info.labels["active_state"] == show["ActiveState"] == "active"
-    assert _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="rss_anon") >= 60 * MiB
+    assert m.value("systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="rss_anon") >= 60 * MiB
 
 
 @pytest.mark.e2e
 def test_rootless_container_scope_is_a_user_unit(testhost, exporter, user_units):
     m = exporter.scrape()
     scope = user_units["podman"]
-    [info] = _series(m, "systemd_unit_info", unit=scope, uid=str(UID))
+    [info] = m.series("systemd_unit_info", unit=scope, uid=str(UID))
     assert info.labels["unit_type"] == "scope"
     assert info.labels["control_group"] == f"/user.slice/user-{UID}.slice/user@{UID}.service/user.slice/{scope}" \
         == workloads.user_show(testhost, USER, scope, "ControlGroup")["ControlGroup"]
-    assert _one(m, "systemd_unit_memory_bytes", unit=scope, uid=str(UID), type="rss_anon") >= 20 * MiB
+    assert m.value("systemd_unit_memory_bytes", unit=scope, uid=str(UID), type="rss_anon") >= 20 * MiB
 
 
 @pytest.mark.e2e
@@ -174,39 +162,32 @@ def test_user_unit_figures_match_systemctl_user_and_proc(testhost, exporter, use
     for unit in user_units.values():
         show = workloads.user_show(testhost, USER, unit, "ControlGroup", "MemoryCurrent")
         assert show["MemoryCurrent"] == "[not set]"  # no memory delegation to user managers on v1
-        script = proc_sums_script(f"/sys/fs/cgroup/unified{show['ControlGroup']}")
-        expected = {k: int(v) for k, v in (x.split("=") for x in testhost.run(["python3", "-c", script]).stdout.split())}
         m = exporter.scrape()
-        print(f"{unit} uid={UID}: MemoryCurrent={show['MemoryCurrent']}, /proc {expected}, exporter "
-              + str({s.labels['type']: int(s.value) for s in _series(m, 'systemd_unit_memory_bytes', unit=unit)}))
-        assert _one(m, "systemd_unit_processes", unit=unit, uid=str(UID)) == expected["processes"]
-        for kind in ("rss_anon", "rss_file", "rss_shmem"):
-            assert _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type=kind) == pytest.approx(
-                expected[kind], rel=0.02, abs=256 * 1024), (unit, kind)
+        check_rss_is_proc_sums(m, unit, proc_sums(testhost, f"/sys/fs/cgroup/unified{show['ControlGroup']}"), uid=str(UID))
         for kind in ("cgroup_usage", "page_cache", "swap"):
-            assert not _series(m, "systemd_unit_memory_bytes", unit=unit, type=kind), (unit, kind)
+            assert not m.series("systemd_unit_memory_bytes", unit=unit, type=kind), (unit, kind)
         for family in ("systemd_unit_memory_stat_bytes", "systemd_unit_memory_working_set_bytes",
                        "systemd_unit_memory_limit_bytes", "systemd_unit_memory_events_total"):
-            assert not _series(m, family, unit=unit), (unit, family)
-    assert _one(m, "systemd_unit_processes", unit=user_units["multi"], uid=str(UID)) == 3
-    assert _one(m, "systemd_unit_processes", unit=user_units["podman"], uid=str(UID)) == 1
+            assert not m.series(family, unit=unit), (unit, family)
+    assert m.value("systemd_unit_processes", unit=user_units["multi"], uid=str(UID)) == 3
+    assert m.value("systemd_unit_processes", unit=user_units["podman"], uid=str(UID)) == 1
 
 
 @pytest.mark.e2e
 def test_a_users_dbus_service_never_collides_with_the_systems(testhost, exporter, user_units):
     m = exporter.scrape()
-    system = _series(m, "systemd_unit_info", unit="dbus.service", uid=None)
-    user = _series(m, "systemd_unit_info", unit="dbus.service", uid=str(UID))
+    system = m.series("systemd_unit_info", unit="dbus.service", uid=None)
+    user = m.series("systemd_unit_info", unit="dbus.service", uid=str(UID))
     assert len(system) == 1 and len(user) == 1
     assert system[0].labels["control_group"] == testhost.unit_cgroup("dbus.service") == "/system.slice/dbus.service"
     assert user[0].labels["control_group"] == workloads.user_show(testhost, USER, "dbus.service", "ControlGroup")["ControlGroup"]
     # the system's keeps its cgroup figures, the user's has none (hybrid)
-    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") > 0
-    assert not _series(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=str(UID), type="cgroup_usage")
+    assert m.value("systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") > 0
+    assert not m.series("systemd_unit_memory_bytes", unit="dbus.service", uid=str(UID), type="cgroup_usage")
     # so do the two init.scopes: PID 1's, and the user manager's own (systemd --user, sd-pam)
-    assert _one(m, "systemd_unit_processes", unit="init.scope", uid=None) == 1
+    assert m.value("systemd_unit_processes", unit="init.scope", uid=None) == 1
     user_init = testhost.path(f"/sys/fs/cgroup/unified/user.slice/user-{UID}.slice/user@{UID}.service/init.scope/cgroup.procs")
-    assert _one(m, "systemd_unit_processes", unit="init.scope", uid=str(UID)) == len(user_init.read_text().split()) >= 1
+    assert m.value("systemd_unit_processes", unit="init.scope", uid=str(UID)) == len(user_init.read_text().split()) >= 1
 
 
 @pytest.mark.e2e
@@ -217,12 +198,12 @@ def test_a_user_managers_rss_covers_its_units_and_system_units_fit_in_the_host(t
     promtool on a host with user units in tests/rules/recording-rules.test.yml ("Host totals
     with user units")."""
     m = exporter.scrape()
-    manager = _one(m, "systemd_unit_memory_bytes", unit=f"user@{UID}.service", uid=None, type="rss_anon")
-    inside = sum(s.value for s in _series(m, "systemd_unit_memory_bytes", uid=str(UID), type="rss_anon")
+    manager = m.value("systemd_unit_memory_bytes", unit=f"user@{UID}.service", uid=None, type="rss_anon")
+    inside = sum(s.value for s in m.series("systemd_unit_memory_bytes", uid=str(UID), type="rss_anon")
                  if s.labels["unit"] in user_units.values())
     assert manager >= inside >= 80 * MiB
-    every_pid = _one(m, "systemd_unit_processes", unit="-.slice", uid=None)
-    system_non_slices = sum(s.value for s in _series(m, "systemd_unit_processes", uid=None)
+    every_pid = m.value("systemd_unit_processes", unit="-.slice", uid=None)
+    system_non_slices = sum(s.value for s in m.series("systemd_unit_processes", uid=None)
                             if not s.labels["unit"].endswith(".slice"))
     assert system_non_slices <= every_pid  # units without uid partition the machine's processes
 
@@ -249,7 +230,7 @@ def test_no_collector_user_units_turns_them_off(testhost, user_units):
         client.next_sample()
         m = client.scrape()
     assert not [s for s in m.samples if "uid" in s.labels]
-    assert _one(m, "systemd_unit_processes", unit=f"user@{UID}.service") >= 3  # the manager still, as a whole
+    assert m.value("systemd_unit_processes", unit=f"user@{UID}.service") >= 3  # the manager still, as a whole
 
 
 from tests.test_deploy_unit import installed_unit  # noqa: E402,F401  (the hardened unit, installed in the host)
@@ -272,7 +253,7 @@ def test_the_hardened_unit_reports_user_units(testhost, user_units, installed_un
                 m = Scrape.parse(r.read().decode())
         except OSError:  # still starting
             m = Scrape([])
-        found = _series(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="rss_anon")
+        found = m.series("systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="rss_anon")
         if found and found[0].value >= 60 * MiB:
             break
         assert time.monotonic() < deadline, "the hardened unit did not report the user's unit"
@@ -306,8 +287,8 @@ def test_a_user_unit_named_like_a_system_unit_keeps_its_own_figures():
     assert user.memory.usage == snapshot.unit("smx-anon-1.service").memory.usage != system.memory.usage
     text = render(snapshot).decode()
     m = Scrape.parse(text)
-    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid="1500", type="cgroup_usage") == user.memory.usage
-    assert _one(m, "systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") == system.memory.usage
+    assert m.value("systemd_unit_memory_bytes", unit="dbus.service", uid="1500", type="cgroup_usage") == user.memory.usage
+    assert m.value("systemd_unit_memory_bytes", unit="dbus.service", uid=None, type="cgroup_usage") == system.memory.usage
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
 

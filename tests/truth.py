@@ -33,15 +33,20 @@ class Scrape:
     def parse(cls, text: str) -> "Scrape":
         return cls([s for family in text_string_to_metric_families(text) for s in family.samples])
 
-    def _matching(self, name: str, labels: dict[str, str]) -> list[Sample]:
+    def _matching(self, name: str, labels: dict[str, str | None]) -> list[Sample]:
         return [s for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
-    def get(self, name: str, **labels: str) -> float | None:
+    def series(self, name: str, **labels: str | None) -> list[Sample]:
+        """The samples of ``name`` with these labels; a label given as None must be absent
+        (uid=None: a system unit, whose series have no uid label)."""
+        return self._matching(name, labels)
+
+    def get(self, name: str, **labels: str | None) -> float | None:
         found = self._matching(name, labels)
         assert len(found) <= 1, f"{name}{labels} matches {len(found)} series"
         return found[0].value if found else None
 
-    def value(self, name: str, **labels: str) -> float:
+    def value(self, name: str, **labels: str | None) -> float:
         value = self.get(name, **labels)
         assert value is not None, f"no series {name}{labels}"
         return value
@@ -118,6 +123,26 @@ for pid in pids:
             sums[name] += int(fields[key].split()[0]) * 1024
 print(" ".join(f"{{k}}={{v}}" for k, v in sums.items()))
 """
+
+
+def proc_sums(system, cgroup_dir: str) -> dict[str, int]:
+    """proc_sums_script's figures for ``cgroup_dir``, run inside ``system`` (a test host or a
+    guest: anything whose run(cmd, check=True) returns the command's output)."""
+    out = system.run(["python3", "-c", proc_sums_script(cgroup_dir)], check=True).stdout
+    return {k: int(v) for k, v in (x.split("=") for x in out.split())}
+
+
+def check_rss_is_proc_sums(m: Scrape, unit: str, expected: dict[str, int], slack: int = 256 * 1024,
+                           **labels: str | None) -> None:
+    """The unit's process count is /proc's, and each rss_* within 2 % or ``slack`` bytes of it:
+    the processes' pages move between the exporter's read and the script's. ``labels``: uid=
+    for a user unit (uid=None: the series has no uid label)."""
+    print(f"{unit} {labels}: /proc {expected}, exporter "
+          + str({s.labels["type"]: int(s.value) for s in m.series("systemd_unit_memory_bytes", unit=unit, **labels)}))
+    assert m.value("systemd_unit_processes", unit=unit, **labels) == expected["processes"]
+    for kind in ("rss_anon", "rss_file", "rss_shmem"):
+        assert m.value("systemd_unit_memory_bytes", unit=unit, type=kind, **labels) == pytest.approx(
+            expected[kind], rel=0.02, abs=slack), (unit, kind)
 
 
 # The checks both truth suites make (tests/test_e2e.py on cgroup v1, tests/vm on v2), each on

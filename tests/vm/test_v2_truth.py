@@ -30,11 +30,12 @@ from tests.truth import (
     Scrape,
     check_accounting_off,
     check_anon_hog,
+    check_rss_is_proc_sums,
     check_multi_process,
     check_page_cache_reader,
     check_tmpfs_writer,
     free_port,
-    proc_sums_script,
+    proc_sums,
 )
 
 from . import workloads
@@ -241,13 +242,8 @@ def test_rss_equals_proc_sums_for_the_same_pids(vm, exporter, units):
     """Sum /proc/PID/status inside the guest, independently of the exporter's code."""
     for key in ("anon", "multi", "nested", "swap"):
         unit = units[key]
-        sums = vm.run(["python3", "-c", proc_sums_script(vm.cgroup_dir(unit))], check=True).stdout
-        expected = {k: int(v) for k, v in (x.split("=") for x in sums.split())}
-        m = exporter.next_sample()
-        assert m.value("systemd_unit_processes", unit=unit) == expected["processes"]
-        for kind in ("rss_anon", "rss_file", "rss_shmem"):
-            assert m.value("systemd_unit_memory_bytes", unit=unit, type=kind) == pytest.approx(
-                expected[kind], rel=0.02, abs=256 * 1024), (unit, kind)
+        expected = proc_sums(vm, vm.cgroup_dir(unit))
+        check_rss_is_proc_sums(exporter.next_sample(), unit, expected)
 
 
 def test_multi_process_unit_counts_its_processes(exporter, units):

@@ -19,7 +19,7 @@ import os
 import pytest
 
 from tests.testhost.workloads import PAYLOAD, USER_MANAGER_DROPIN
-from tests.truth import MiB, Scrape, proc_sums_script
+from tests.truth import MiB, check_rss_is_proc_sums, proc_sums
 
 from .guest import EXPORTER, wait_until
 from .test_v2_truth import INTERVAL, GuestExporter
@@ -81,18 +81,6 @@ def exporter(vm, user_units):
     assert "Traceback" not in journal, journal[-4000:]
 
 
-def _series(m: Scrape, name: str, **labels):
-    """uid=None: the series has no uid label at all (a system unit)."""
-    return [s for s in m.samples if s.name == name
-            and all((k not in s.labels) if v is None else s.labels.get(k) == v for k, v in labels.items())]
-
-
-def _one(m: Scrape, name: str, **labels) -> float:
-    found = _series(m, name, **labels)
-    assert len(found) == 1, (name, labels, found)
-    return found[0].value
-
-
 def test_user_manager_has_the_memory_controller(vm, user_units):
     controllers = vm.read_text(f"/sys/fs/cgroup{MANAGER_CGROUP}/cgroup.subtree_control").split()
     assert "memory" in controllers
@@ -109,7 +97,7 @@ def test_user_unit_usage_equals_systemctl_user_and_memory_current(vm, exporter, 
         for unit in user_units.values():
             show = _user_show(vm, unit, "MemoryCurrent", "ControlGroup")
             kernel = int(vm.read_text(f"/sys/fs/cgroup{show['ControlGroup']}/memory.current"))
-            usage = _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="cgroup_usage")
+            usage = m.value("systemd_unit_memory_bytes", unit=unit, uid=str(UID), type="cgroup_usage")
             print(f"{unit} uid={UID}: cgroup_usage={usage:.0f} MemoryCurrent={show['MemoryCurrent']} memory.current={kernel}")
             if not (usage == pytest.approx(int(show["MemoryCurrent"]), rel=0.02) and usage == pytest.approx(kernel, rel=0.02)):
                 mismatched[unit] = (usage, show["MemoryCurrent"], kernel)
@@ -117,51 +105,43 @@ def test_user_unit_usage_equals_systemctl_user_and_memory_current(vm, exporter, 
             break
     assert not mismatched, f"cgroup_usage differs from MemoryCurrent by more than 2 % five times: {mismatched}"
     hog = user_units["hog"]
-    assert _one(m, "systemd_unit_memory_stat_bytes", unit=hog, uid=str(UID), item="anon") >= 60 * MiB
-    [info] = _series(m, "systemd_unit_info", unit=hog, uid=str(UID))
+    assert m.value("systemd_unit_memory_stat_bytes", unit=hog, uid=str(UID), item="anon") >= 60 * MiB
+    [info] = m.series("systemd_unit_info", unit=hog, uid=str(UID))
     assert info.labels["control_group"] == f"{MANAGER_CGROUP}/app.slice/{hog}"
 
 
 def test_user_unit_rss_equals_proc_sums(vm, exporter, user_units):
     for unit in user_units.values():
         group = _user_show(vm, unit, "ControlGroup")["ControlGroup"]
-        sums = vm.run(["python3", "-c", proc_sums_script(f"/sys/fs/cgroup{group}")], check=True).stdout
-        expected = {k: int(v) for k, v in (x.split("=") for x in sums.split())}
-        m = exporter.scrape()
-        print(f"{unit} uid={UID}: /proc {expected}, exporter "
-              + str({s.labels['type']: int(s.value) for s in _series(m, 'systemd_unit_memory_bytes', unit=unit)}))
-        assert _one(m, "systemd_unit_processes", unit=unit, uid=str(UID)) == expected["processes"]
-        for kind in ("rss_anon", "rss_file", "rss_shmem"):
-            assert _one(m, "systemd_unit_memory_bytes", unit=unit, uid=str(UID), type=kind) == pytest.approx(
-                expected[kind], rel=0.02, abs=256 * 1024), (unit, kind)
+        check_rss_is_proc_sums(exporter.scrape(), unit, proc_sums(vm, f"/sys/fs/cgroup{group}"), uid=str(UID))
 
 
 def test_the_users_init_scope_is_not_the_systems(vm, exporter, user_units):
     """No user bus here, so no user dbus.service: the user manager's own init.scope (systemd
     --user and sd-pam) is the unit named like a system one."""
     m = exporter.scrape()
-    [system] = _series(m, "systemd_unit_info", unit="init.scope", uid=None)
-    [user] = _series(m, "systemd_unit_info", unit="init.scope", uid=str(UID))
+    [system] = m.series("systemd_unit_info", unit="init.scope", uid=None)
+    [user] = m.series("systemd_unit_info", unit="init.scope", uid=str(UID))
     assert system.labels["control_group"] == "/init.scope"
     assert user.labels["control_group"] == _user_show(vm, "init.scope", "ControlGroup")["ControlGroup"] \
         == f"{MANAGER_CGROUP}/init.scope"
     # both have their own cgroup figures on v2, and they differ
-    system_usage = _one(m, "systemd_unit_memory_bytes", unit="init.scope", uid=None, type="cgroup_usage")
-    user_usage = _one(m, "systemd_unit_memory_bytes", unit="init.scope", uid=str(UID), type="cgroup_usage")
+    system_usage = m.value("systemd_unit_memory_bytes", unit="init.scope", uid=None, type="cgroup_usage")
+    user_usage = m.value("systemd_unit_memory_bytes", unit="init.scope", uid=str(UID), type="cgroup_usage")
     assert system_usage > 0 and user_usage > 0 and system_usage != user_usage
     procs = vm.read_text(f"/sys/fs/cgroup{MANAGER_CGROUP}/init.scope/cgroup.procs").split()
-    assert _one(m, "systemd_unit_processes", unit="init.scope", uid=str(UID)) == len(procs) >= 1
+    assert m.value("systemd_unit_processes", unit="init.scope", uid=str(UID)) == len(procs) >= 1
 
 
 def test_user_units_are_inside_their_manager(vm, exporter, user_units):
     """Host totals on v2 come from the top-level cgroups; user units are below user@UID.service,
     whose usage already holds theirs."""
     m = exporter.scrape()
-    manager = _one(m, "systemd_unit_memory_bytes", unit=f"user@{UID}.service", uid=None, type="cgroup_usage")
-    inside = sum(_one(m, "systemd_unit_memory_bytes", unit=u, uid=str(UID), type="cgroup_usage")
+    manager = m.value("systemd_unit_memory_bytes", unit=f"user@{UID}.service", uid=None, type="cgroup_usage")
+    inside = sum(m.value("systemd_unit_memory_bytes", unit=u, uid=str(UID), type="cgroup_usage")
                  for u in user_units.values())
     assert manager >= inside >= 60 * MiB
-    top_level = [s for s in _series(m, "systemd_unit_info", uid=None) if s.labels["control_group"].count("/") == 1
+    top_level = [s for s in m.series("systemd_unit_info", uid=None) if s.labels["control_group"].count("/") == 1
                  and s.labels["control_group"] != "/"]
     assert all("uid" not in s.labels for s in top_level)
     assert "user.slice" in {s.labels["unit"] for s in top_level}
@@ -172,9 +152,9 @@ def test_series_vanish_when_the_user_unit_stops(vm, exporter, user_units):
     started = vm.run(_as_user("systemd-run", "--user", "--quiet", "--collect", f"--unit={unit}",
                               "-p", "Type=notify", "--", "python3", "-c", PAYLOAD, "anon", "5"), timeout=120)
     assert started.returncode == 0, started.stderr
-    assert _series(exporter.next_sample(), "systemd_unit_info", unit=unit, uid=str(UID))
+    assert exporter.next_sample().series("systemd_unit_info", unit=unit, uid=str(UID))
     vm.run(_as_user("systemctl", "--user", "stop", unit), check=True)
-    assert not _series(exporter.next_sample(), "systemd_unit_info", unit=unit)
+    assert not exporter.next_sample().series("systemd_unit_info", unit=unit)
 
 
 # --------------------------------------------------------------------------- container scopes
@@ -203,12 +183,12 @@ def test_container_scopes_are_reported_like_services(vm, exporter, container_sco
         m = exporter.next_sample()
         mismatched = {}
         for runtime, (unit, slice_name, mib) in container_scopes.items():
-            [info] = _series(m, "systemd_unit_info", unit=unit, uid=None)
+            [info] = m.series("systemd_unit_info", unit=unit, uid=None)
             assert info.labels["unit_type"] == "scope"
             assert info.labels["control_group"] == f"/{slice_name}/{unit}" == vm.unit_property(unit, "ControlGroup")
-            assert _one(m, "systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= mib * MiB
-            assert _one(m, "systemd_unit_memory_stat_bytes", unit=unit, item="anon") >= mib * MiB
-            usage = _one(m, "systemd_unit_memory_bytes", unit=unit, type="cgroup_usage")
+            assert m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= mib * MiB
+            assert m.value("systemd_unit_memory_stat_bytes", unit=unit, item="anon") >= mib * MiB
+            usage = m.value("systemd_unit_memory_bytes", unit=unit, type="cgroup_usage")
             current = int(vm.unit_property(unit, "MemoryCurrent"))
             print(f"{unit}: cgroup_usage={usage:.0f} MemoryCurrent={current}")
             if usage != pytest.approx(current, rel=0.02):
@@ -217,11 +197,6 @@ def test_container_scopes_are_reported_like_services(vm, exporter, container_sco
             break
     assert not mismatched, f"cgroup_usage differs from MemoryCurrent by more than 2 % five times: {mismatched}"
     for unit, _, _ in container_scopes.values():
-        group = vm.unit_property(unit, "ControlGroup")
-        sums = vm.run(["python3", "-c", proc_sums_script(f"/sys/fs/cgroup{group}")], check=True).stdout
-        expected = {k: int(v) for k, v in (x.split("=") for x in sums.split())}
-        m = exporter.scrape()
-        assert _one(m, "systemd_unit_processes", unit=unit) == expected["processes"] == 1
-        for kind in ("rss_anon", "rss_file", "rss_shmem"):
-            assert _one(m, "systemd_unit_memory_bytes", unit=unit, type=kind) == pytest.approx(
-                expected[kind], rel=0.02, abs=256 * 1024), (unit, kind)
+        expected = proc_sums(vm, f"/sys/fs/cgroup{vm.unit_property(unit, 'ControlGroup')}")
+        assert expected["processes"] == 1
+        check_rss_is_proc_sums(exporter.scrape(), unit, expected, uid=None)
