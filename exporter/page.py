@@ -353,7 +353,7 @@ def unit_page(r: Reconciliation, grafana_url: str = "") -> str:
     figures = [
         ("<b>systemctl</b> says (cgroup usage)", human_bytes(r.systemctl), "", "MemoryCurrent, systemd-cgtop"),
         (
-            f'<i class="sw top"></i> <b>top</b> says (RSS of its processes)',
+            '<i class="sw top"></i> <b>top</b> says (RSS of its processes)',
             human_bytes(r.top),
             percent(r.top, r.systemctl),
             e(f"= anon {human_bytes(r.rss_anon)} + file {human_bytes(r.rss_file)} + shmem {human_bytes(r.rss_shmem)}"),
