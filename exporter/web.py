@@ -266,9 +266,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def send_parts(connection: socket.socket, wfile, parts: list[bytes]) -> None:
-    """All of ``parts``, in order, on ``connection``: by sendmsg (scatter-gather, no join) where
-    it has one, else (TLS) one write each on ``wfile``."""
-    if isinstance(connection, ssl.SSLSocket) or not hasattr(connection, "sendmsg"):
+    """All of ``parts``, in order, on ``connection``: by sendmsg (scatter-gather, no join), or
+    for TLS (an SSLSocket's sendmsg raises NotImplementedError) one write each on ``wfile``."""
+    if isinstance(connection, ssl.SSLSocket):
         for part in parts:
             wfile.write(part)
         return
