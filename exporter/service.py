@@ -23,7 +23,7 @@ from .snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 
-# Units of a replaced snapshot freed at a time (SampleLoop._let_go).
+# Units of a replaced snapshot freed at a time (let_go).
 RELEASE_UNITS = 250
 
 
