@@ -341,11 +341,16 @@ def classify(ops: list[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def ops_listing(host: TestHost, ops: list[str], name: str) -> Path:
+    listing = host.exchange_dir / f"ops-{name}.txt"
+    listing.write_text("".join(op + "\n" for op in ops))
+    return listing
+
+
 def run_floor(host: TestHost, binary: Path, ops: list[str], name: str, repeat: int = 9, mode: str = "open") -> dict:
     """floor.c over ``ops``: mode "open" opens, reads and closes every file; "kept" opens them
     once, untimed, and times reads from offset 0 of the kept descriptors (pread)."""
-    listing = host.exchange_dir / f"ops-{name}.txt"
-    listing.write_text("".join(op + "\n" for op in ops))
+    listing = ops_listing(host, ops, name)
     out = json.loads(host.run([str(binary), str(listing), str(repeat), mode], timeout=600).stdout)
     result = {"cpu": statistics.median(out["cpu_seconds"]), "wall": statistics.median(out["wall_seconds"]),
               "ops": out["ops"], "failed_opens": out["failed"]}
@@ -370,6 +375,12 @@ def measure_floor(host: TestHost, binary: Path, pythonpath: str, tag: str) -> di
     kept = run_floor(host, binary, ops, tag + "-kept", mode="kept")
     kept["procfs_phase"] = run_floor(host, binary, phases["procfs"], tag + "-kept-procfs", mode="kept")
     kept["cgroup_phase"] = run_floor(host, binary, phases["cgroup"], tag + "-kept-cgroup", mode="kept")
+    # The kept floor again, in Python (inner.py replay), run as floor.c is run (same descriptor
+    # limit): what the interpreter's calls alone add, apart from the exporter's parse and bookkeeping.
+    listing = ops_listing(host, ops, tag + "-kept-python")
+    replay = host.run([host.python, str(INNER), "replay", str(listing), "--repeat", "9"],
+                      env={"PYTHONPATH": pythonpath}, timeout=600)
+    kept["python_replay"] = json.loads(replay.stdout.strip().splitlines()[-1])
     floor["kept"] = kept
     # The cheaper file the issue asks about: statm in place of status. Not the same figures
     # (statm has no RssFile/RssShmem split and no swap); shown for what it would save.
@@ -752,6 +763,8 @@ def ratios(r: dict) -> dict:
         "files_vs_floor": cycle["files"] / floor["cpu"] if floor else None,
         "kept_floor_seconds": floor["kept"]["cpu"] if floor else None,
         "sample_vs_kept_floor": cycle["cycle"] / floor["kept"]["cpu"] if floor else None,
+        "python_replay_vs_kept_floor": (floor["kept"]["python_replay"]["cpu"] / floor["kept"]["cpu"]
+                                        if floor and "python_replay" in floor["kept"] else None),
         "procfs_vs_kept_floor": None,
         "cgroup_vs_kept_floor": None,
         "procfs_vs_floor": None,
@@ -780,6 +793,8 @@ def ratios(r: dict) -> dict:
         out["kept_all_cpu_seconds"] = every
         out["kept_all_vs_floor"] = every / floor["cpu"] if floor else None
         out["kept_all_vs_kept_floor"] = every / floor["kept"]["cpu"] if floor else None
+        replay = floor["kept"].get("python_replay") if floor else None
+        out["kept_all_vs_python_replay"] = every / replay["cpu"] if replay else None
     if "baseline_cycle" in r:
         base = r["baseline_cycle"]["median"]["cpu"]
         out["baseline_sample_cpu_seconds"] = base["cycle"]
@@ -851,6 +866,9 @@ def table(results: dict) -> str:
     row("cycle wall: total", lambda r: r["cycle"]["median"]["wall"]["cycle"] * 1e3, " ms")
     row("C floor of the same files, open/read/close (CPU)", lambda r: r["floor"]["cpu"] * 1e3, " ms")
     row("C floor of the same files, kept open, pread (CPU)", lambda r: r["floor"]["kept"]["cpu"] * 1e3, " ms")
+    row("the kept-open floor replayed in Python (os.pread, nothing parsed); / C's",
+        lambda r: f'{fmt(r["floor"]["kept"]["python_replay"]["cpu"] * 1e3, " ms")}; '
+                  f'{fmt(r["ratios"]["python_replay_vs_kept_floor"], "x")}')
     row("kept-open floor: files kept (the rest within RLIMIT_NOFILE: open/read/close)",
         lambda r: f'{fmt(r["floor"]["kept"]["kept"])} of {fmt(r["floor"]["kept"]["ops"])}')
     row("**cycle CPU / open-read-close floor** (sample_vs_floor)", lambda r: r["ratios"]["sample_vs_floor"], "x")
@@ -870,6 +888,8 @@ def table(results: dict) -> str:
         lambda r: f'{fmt(r["kept_variants"]["all"]["kept_files"])}; {fmt(r["kept_variants"]["all"]["kernel_mib"], " MiB")}')
     row("**every file kept / open-read-close floor**", lambda r: r["ratios"]["kept_all_vs_floor"], "x")
     row("**every file kept / kept-open floor**", lambda r: r["ratios"]["kept_all_vs_kept_floor"], "x")
+    row("every file kept / the Python replay (the exporter's parse and bookkeeping)",
+        lambda r: r["ratios"]["kept_all_vs_python_replay"], "x")
     row("GIL wait of a scrape stand-in, p99 / max: plain",
         lambda r: f'{fmt(r["gil"]["plain"]["all"]["p99_ms"], " ms")} / {fmt(r["gil"]["plain"]["all"]["max_ms"], " ms")}')
     row("GIL wait p99 / max: scrapes first (as the exporter runs)",

@@ -23,6 +23,11 @@ Modes (each prints one JSON object on stdout):
   pss --cycles K       K cycles of exporter.pss.PssCollector over the discovered units.
   count                processes, and how many have statm shared == 0 (where status could be
                        skipped if only statm were read).
+  replay OPS-FILE [--repeat N]
+                       floor.c's kept mode in Python: the same operations, the same descriptors
+                       kept, each file read by os.pread from offset 0, nothing parsed. Set
+                       beside floor.c's figure it shows what the interpreter's calls alone cost,
+                       and so how much of the cycle over the floor is the exporter's own work.
 
 cycle, record and gil take --kept-files N (the exporter's --sample.kept-files; default its
 default), with the descriptor limit raised as the exporter raises it; a revision from before
@@ -347,6 +352,62 @@ def cmd_count(args) -> dict:
     return {"processes": processes, "statm_shared_zero": shared_zero}
 
 
+def cmd_replay(args) -> dict:
+    """Mirrors floor.c "kept" (see its header): F and D opened once, untimed, as many as the
+    descriptor limit allows less 64; each repeat reads every kept F by pread from 0 and lists
+    every kept D, opens, reads and closes the rest, and stats every S. A directory is listed
+    through os.listdir(fd), which dups the descriptor: two syscalls more than floor.c's lseek."""
+    ops = []
+    with open(args.ops) as f:
+        for line in f:
+            if len(line) > 2 and line[1] == " ":
+                ops.append((line[0], line[2:].rstrip("\n")))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pread, chunk = os.pread, 65536
+
+    def read_kept(fd: int) -> None:
+        at = 0
+        while len(pread(fd, chunk, at)) == chunk:
+            at += chunk
+
+    kept: list[int | None] = []
+    count = 0
+    for op, path in ops:
+        fd = None
+        if op != "S" and count + 64 < hard:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if op == "D" else 0))
+                count += 1
+                if op == "F":
+                    read_kept(fd)  # the first read allocates the seq_file buffer, as in floor.c
+            except OSError:
+                fd = None
+        kept.append(fd)
+    cpu = []
+    for _ in range(args.repeat):
+        c0 = time.process_time()
+        for (op, path), fd in zip(ops, kept):
+            try:
+                if op == "S":
+                    os.stat(path)
+                elif fd is not None:
+                    if op == "F":
+                        read_kept(fd)
+                    else:
+                        os.listdir(fd)
+                elif op == "F":
+                    with open(path, "rb", buffering=0) as f:
+                        while len(f.read(chunk)) == chunk:
+                            pass
+                else:
+                    os.listdir(path)
+            except OSError:
+                pass  # as floor.c: a missing file costs its failed open
+        cpu.append(time.process_time() - c0)
+    return {"ops": len(ops), "kept": count, "cpu_seconds": cpu, "cpu": statistics.median(cpu)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tests/bench/inner.py")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -368,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rss", type=int, default=4 << 30)
     p.set_defaults(func=cmd_pss)
     sub.add_parser("count").set_defaults(func=cmd_count)
+    p = sub.add_parser("replay")
+    p.add_argument("ops")
+    p.add_argument("--repeat", type=int, default=9)
+    p.set_defaults(func=cmd_replay)
     args = parser.parse_args(argv)
     json.dump(args.func(args), sys.stdout)
     sys.stdout.write("\n")

@@ -71,6 +71,9 @@ def test_the_floor_replays_the_cycles_reads(results):
     # The recorded cycle read its files through kept descriptors (pread64): still one F each.
     kept = floor["kept"]
     assert kept["ops"] == floor["ops"] and kept["cpu"] > 0 and kept["failed_opens"] <= floor["failed_opens"] + 5
+    # Its Python replay ran the same operations through as many kept descriptors.
+    replay = kept["python_replay"]
+    assert replay["ops"] == kept["ops"] and replay["kept"] == kept["kept"] and replay["cpu"] > 0
 
 
 def test_the_cycle_keeps_descriptors_and_runs_without_them_too(results):
