@@ -362,7 +362,7 @@ def cmd_replay(args) -> dict:
         for line in f:
             if len(line) > 2 and line[1] == " ":
                 ops.append((line[0], line[2:].rstrip("\n")))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     pread, chunk = os.pread, 65536
 
@@ -378,11 +378,15 @@ def cmd_replay(args) -> dict:
         if op != "S" and count + 64 < hard:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if op == "D" else 0))
-                count += 1
-                if op == "F":
-                    read_kept(fd)  # the first read allocates the seq_file buffer, as in floor.c
             except OSError:
                 fd = None
+            else:
+                count += 1
+                if op == "F":
+                    try:
+                        read_kept(fd)  # the first read allocates the seq_file buffer, as in floor.c
+                    except OSError:
+                        pass  # kept all the same, as floor.c keeps it
         kept.append(fd)
     cpu = []
     for _ in range(args.repeat):
@@ -397,9 +401,12 @@ def cmd_replay(args) -> dict:
                     else:
                         os.listdir(fd)
                 elif op == "F":
-                    with open(path, "rb", buffering=0) as f:
-                        while len(f.read(chunk)) == chunk:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        while len(os.read(fd, chunk)) == chunk:
                             pass
+                    finally:
+                        os.close(fd)
                 else:
                     os.listdir(path)
             except OSError:
