@@ -347,10 +347,10 @@ def ops_listing(host: TestHost, ops: list[str], name: str) -> Path:
     return listing
 
 
-def run_floor(host: TestHost, binary: Path, ops: list[str], name: str, repeat: int = 9, mode: str = "open") -> dict:
-    """floor.c over ``ops``: mode "open" opens, reads and closes every file; "kept" opens them
-    once, untimed, and times reads from offset 0 of the kept descriptors (pread)."""
-    listing = ops_listing(host, ops, name)
+def run_floor(host: TestHost, binary: Path, listing: Path, repeat: int = 9, mode: str = "open") -> dict:
+    """floor.c over the operations in ``listing`` (ops_listing): mode "open" opens, reads and
+    closes every file; "kept" opens them once, untimed, and times reads from offset 0 of the
+    kept descriptors (pread)."""
     out = json.loads(host.run([str(binary), str(listing), str(repeat), mode], timeout=600).stdout)
     result = {"cpu": statistics.median(out["cpu_seconds"]), "wall": statistics.median(out["wall_seconds"]),
               "ops": out["ops"], "failed_opens": out["failed"]}
@@ -367,17 +367,20 @@ def measure_floor(host: TestHost, binary: Path, pythonpath: str, tag: str) -> di
     phases = strace_ops(trace.read_text())
     trace.unlink()
     ops = [op for phase_ops in phases.values() for op in phase_ops]
-    floor = run_floor(host, binary, ops, tag)
+    # Each list written once; both floors (and the Python replay) read the same files.
+    listing = ops_listing(host, ops, tag)
+    procfs = ops_listing(host, phases["procfs"], tag + "-procfs")
+    cgroup = ops_listing(host, phases["cgroup"], tag + "-cgroup")
+    floor = run_floor(host, binary, listing)
     floor["reads"] = classify(ops)
-    floor["procfs_phase"] = run_floor(host, binary, phases["procfs"], tag + "-procfs")
-    floor["cgroup_phase"] = run_floor(host, binary, phases["cgroup"], tag + "-cgroup")
+    floor["procfs_phase"] = run_floor(host, binary, procfs)
+    floor["cgroup_phase"] = run_floor(host, binary, cgroup)
     # The second floor: the same files through descriptors kept open across cycles.
-    kept = run_floor(host, binary, ops, tag + "-kept", mode="kept")
-    kept["procfs_phase"] = run_floor(host, binary, phases["procfs"], tag + "-kept-procfs", mode="kept")
-    kept["cgroup_phase"] = run_floor(host, binary, phases["cgroup"], tag + "-kept-cgroup", mode="kept")
+    kept = run_floor(host, binary, listing, mode="kept")
+    kept["procfs_phase"] = run_floor(host, binary, procfs, mode="kept")
+    kept["cgroup_phase"] = run_floor(host, binary, cgroup, mode="kept")
     # The kept floor again, in Python (inner.py replay), run as floor.c is run (same descriptor
     # limit): what the interpreter's calls alone add, apart from the exporter's parse and bookkeeping.
-    listing = ops_listing(host, ops, tag + "-kept-python")
     replay = host.run([host.python, str(INNER), "replay", str(listing), "--repeat", "9"],
                       env={"PYTHONPATH": pythonpath}, timeout=600)
     kept["python_replay"] = json.loads(replay.stdout.strip().splitlines()[-1])
@@ -385,7 +388,7 @@ def measure_floor(host: TestHost, binary: Path, pythonpath: str, tag: str) -> di
     # The cheaper file the issue asks about: statm in place of status. Not the same figures
     # (statm has no RssFile/RssShmem split and no swap); shown for what it would save.
     statm = [op[: -len("status")] + "statm" if op.startswith("F /proc/") and op.endswith("/status") else op for op in ops]
-    floor["with_statm_instead_of_status"] = run_floor(host, binary, statm, tag + "-statm")
+    floor["with_statm_instead_of_status"] = run_floor(host, binary, ops_listing(host, statm, tag + "-statm"))
     return floor
 
 
@@ -726,8 +729,8 @@ def measure_size(host: TestHost, size: Size, opts: Options, floor_binary: Path |
         result["pss"] = inner_json(host, ["pss", "--cycles", "3", "--budget", "600"], str(REPO))
         if floor_binary is not None:
             pids = [n for n in os.listdir(host.path("/proc")) if n.isdigit()]
-            result["pss"]["floor"] = run_floor(host, floor_binary, [f"F /proc/{p}/smaps_rollup" for p in pids],
-                                               f"{size}-pss")
+            smaps = ops_listing(host, [f"F /proc/{p}/smaps_rollup" for p in pids], f"{size}-pss")
+            result["pss"]["floor"] = run_floor(host, floor_binary, smaps)
     log(opts, f"{size}: exporter process (interval {opts.interval:g}s)")
     result["exporter"] = measure_exporter(host, size, opts)
     body = result["exporter"].pop("_last_body")
