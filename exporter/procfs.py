@@ -185,13 +185,39 @@ class ProcessWalker:
         """cgroup path -> totals of its subtree, for every cgroup at or below ``cgroups``."""
         result: dict[str, ProcessTotals] = {}
         for root in minimal_roots(cgroups):
-            self._walk(root, result, listed=False)
+            self._walk(root, result)
         return result
 
-    def _walk(self, cgroup: str, result: dict[str, ProcessTotals], listed: bool = True) -> ProcessTotals | None:
-        """``listed``: the directory was seen in its parent's listing, so its absence now means
-        it vanished mid-walk. A unit's own path may never have existed (systemd names a
-        ControlGroup for idle sockets and mounts that have no directory): no cgroup, no count."""
+    def _walk(self, root: str, result: dict[str, ProcessTotals]) -> None:
+        """Depth first, each cgroup's totals once its children's are in. A loop with its own
+        stack, not recursion: a user may nest cgroups in a delegated subtree (user@UID.service)
+        deeper than Python's recursion limit, and one RecursionError would end every cycle."""
+        own = self._own(root, listed=False)
+        if own is None:
+            return
+        # (cgroup, [processes, anon, file, shmem, swap] so far, its child cgroups not walked yet)
+        stack = [(root, own[0], iter(own[1]))]
+        while stack:
+            cgroup, sums, children = stack[-1]
+            child = next(children, None)
+            if child is not None:
+                path = f"{'' if cgroup == '/' else cgroup}/{child}"
+                own = self._own(path, listed=True)
+                if own is not None:
+                    stack.append((path, own[0], iter(own[1])))
+                continue
+            stack.pop()
+            result[cgroup] = ProcessTotals(*sums)
+            if stack:
+                parent = stack[-1][1]
+                parent[:] = map(sum, zip(parent, sums))
+
+    def _own(self, cgroup: str, listed: bool) -> tuple[list[int], list[str]] | None:
+        """The sums of the processes in ``cgroup`` itself, and its child cgroups; None when it
+        cannot be read. ``listed``: the directory was seen in its parent's listing, so its
+        absence now means it vanished mid-walk. A unit's own path may never have existed
+        (systemd names a ControlGroup for idle sockets and mounts that have no directory): no
+        cgroup, no count."""
         self._pause()
         directory = cgroup_path(self.procs_root, cgroup)
         try:
@@ -233,15 +259,4 @@ class ProcessWalker:
                 file += pid_file
                 shmem += pid_shmem
                 swap += pid_swap
-        prefix = "" if cgroup == "/" else cgroup
-        for child in children:
-            sub = self._walk(f"{prefix}/{child}", result)
-            if sub is not None:
-                count += sub.processes
-                anon += sub.rss_anon
-                file += sub.rss_file
-                shmem += sub.rss_shmem
-                swap += sub.swap
-        totals = ProcessTotals(count, anon, file, shmem, swap)
-        result[cgroup] = totals
-        return totals
+        return [count, anon, file, shmem, swap], children

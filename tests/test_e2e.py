@@ -156,6 +156,31 @@ def test_short_lived_units_come_and_go_without_errors(testhost, exporter):
     assert not [u for u in m.label_values("systemd_unit_info", "unit") if u.startswith("th-short")]
 
 
+def test_a_cgroup_tree_deeper_than_pythons_recursion_limit_is_walked(testhost, exporter):
+    """Anyone with a delegated subtree (a user manager, a container runtime) may nest cgroups
+    without limit (cgroup.max.depth is "max" by default). A 1,100-deep chain under a delegated
+    unit, its process at the bottom: the walk must still count it, and sampling must go on
+    (a recursive walk raised RecursionError there, every cycle, and froze every figure)."""
+    unit = workloads.payload(testhost, "th-deep-cgroups.service", "anon", 20, properties=["Delegate=yes"])
+    top = f"/sys/fs/cgroup/{testhost.procs_hierarchy}{testhost.unit_cgroup(unit)}"
+    pid = testhost.show(unit, "MainPID")["MainPID"]
+    deepest = top + "/n" * 1100
+    try:
+        testhost.run(["mkdir", "-p", deepest])
+        testhost.run(["sh", "-c", f"echo {pid} > {deepest}/cgroup.procs"])
+        before = exporter.scrape().value("systemd_memory_exporter_samples_total")
+        exporter.next_sample()
+        exporter.next_sample()
+        m = exporter.scrape()
+        assert m.value("systemd_memory_exporter_samples_total") >= before + 2
+        assert m.value("systemd_unit_processes", unit=unit) == 1
+        assert m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= 20 * MiB
+    finally:
+        testhost.run(["sh", "-c", f"echo {pid} > {top}/cgroup.procs"], check=False)
+        testhost.run(["find", top + "/n", "-depth", "-type", "d", "-exec", "rmdir", "{}", "+"], check=False)
+        workloads.stop_units(testhost, [unit])
+
+
 def test_self_health_is_up(testhost, exporter, units):
     m = exporter.scrape()
     for source in ("dbus", "cgroup", "procfs"):
