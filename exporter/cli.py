@@ -54,7 +54,10 @@ def _size(text: str) -> int:
     unit = match.group(2).upper() if match else None
     if unit not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 4GiB): {text!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    try:
+        return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    except OverflowError:  # so many digits that float() gives inf
+        raise argparse.ArgumentTypeError(f"too large a size: {text[:40]!r}...") from None
 
 
 def _regex(text: str) -> str:

@@ -177,9 +177,11 @@ class UnitFilter:
 
     @classmethod
     def build(cls, include: str = ".+", exclude: str = "", types: Iterable[str] = CGROUP_UNIT_TYPES) -> "UnitFilter":
+        # Compiled as given, and applied with fullmatch: no (?:...) wrapper to anchor them, which
+        # would put a leading global flag such as (?i) mid-pattern, an error since Python 3.11.
         return cls(
-            include=re.compile(f"(?:{include})"),
-            exclude=re.compile(f"(?:{exclude})") if exclude else None,
+            include=re.compile(include),
+            exclude=re.compile(exclude) if exclude else None,
             types=frozenset(types),
         )
 

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from exporter.cli import build_parsers
 from exporter.systemd import UnitFilter
 from tests.truth import Scrape, free_port
 
@@ -42,6 +43,8 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         (["--dbus.timeout=0"], "must be > 0"),
         (["--no-such-flag"], "unrecognized arguments"),
         (["explain", "--top=0"], "--top must be at least 1"),
+        (["--collector.pss.max-rss=" + "9" * 400], "too large a size"),  # float() gives inf
+        (["--collector.pss.max-rss=4 parsecs"], "not a size in bytes"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(args, message):
@@ -173,3 +176,15 @@ def test_unit_filter_is_anchored_and_typed():
     assert not f.wants("foo.timer")  # type not wanted
     assert UnitFilter.build().wants("foo\\x2dbar.service")
     assert not UnitFilter.build().wants("multi-user.target")
+    # An alternation is anchored as a whole, not only its first and last branch.
+    either = UnitFilter.build(include=r"a\.service|b.*")
+    assert either.wants("a.service") and either.wants("b.service") and not either.wants("xa.service")
+    assert not UnitFilter.build(exclude=r"a.*|b.*").wants("ab.service")
+
+
+def test_a_regex_the_flag_accepts_is_one_discovery_can_use():
+    """--unit.include's check compiles what discovery compiles: a leading (?i) once passed the
+    check and then failed in UnitFilter.build, in the discovery child, at every cycle."""
+    args = build_parsers()[0].parse_args(["--unit.include=(?i)FOO.*", "--unit.exclude=(?i).*\\.SOCKET"])
+    f = UnitFilter.build(args.include, args.exclude)
+    assert f.wants("foo.service") and not f.wants("foo.socket") and not f.wants("bar.service")
