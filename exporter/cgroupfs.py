@@ -148,6 +148,8 @@ def parse_pressure(text: str) -> Pressure:
             name, _, value = field.partition("=")
             if name == "total":
                 totals[kind] = parse_uint(value)
+        if kind not in totals:  # a truncated line must not pass for a kind the kernel lacks
+            raise ParseError(f"no total= in the {kind[:20]!r} line")
     if "some" not in totals:
         raise ParseError("no 'some ... total=' line")
     return Pressure(totals["some"], totals.get("full"))

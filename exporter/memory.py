@@ -146,9 +146,22 @@ def _parse_keyed(files: Mapping[str, str], name: str, keys: SelectedKeys, proble
     return values
 
 
+# Keys every kernel's memory.stat has (v1 since 2.6.29, v2 since 4.5). Without them the file is
+# empty or cut short: an error to count, not a cgroup with nothing in it. Other keys come and go
+# with kernel versions, so their absence is only absence.
+_STAT_CORE = ("anon", "file")
+
+
+def _check_stat_core(files: Mapping[str, str], stat: Mapping[str, int], problems: Problems, keys: str) -> None:
+    if "memory.stat" in files and not all(name in stat for name in _STAT_CORE):
+        if not any(name == "memory.stat" for name, _ in problems):  # a bad line already says why
+            problems.append(("memory.stat", f"lacks {keys}"))
+
+
 def memory_from_v1(files: Mapping[str, str], problems: Problems, pressure: Pressure | None = None) -> CgroupMemory:
     """``files``: file name -> text for the V1_FILES that could be read."""
     stat = _parse_keyed(files, "memory.stat", _V1_STAT, problems)
+    _check_stat_core(files, stat, problems, "total_rss or total_cache")
     # total_swap exists only with swap accounting (memory.memsw.* files): absent otherwise.
     swap = stat.pop(_V1_SWAP, None)
     kernel = _parse(files, "memory.kmem.usage_in_bytes", parse_single_value, problems)
@@ -174,6 +187,7 @@ def memory_from_v1(files: Mapping[str, str], problems: Problems, pressure: Press
 
 def memory_from_v2(files: Mapping[str, str], problems: Problems, pressure: Pressure | None = None) -> CgroupMemory:
     stat = _parse_keyed(files, "memory.stat", _V2_STAT, problems)
+    _check_stat_core(files, stat, problems, "anon or file")
     limits = {}
     for limit in LIMITS:
         value = _parse(files, "memory." + limit.replace("_", "."), parse_limit, problems)

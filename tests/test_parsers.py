@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.cgroupfs import (
+    Pressure,
     minimal_roots,
     parse_flat_keyed,
     parse_pressure,
@@ -95,6 +96,9 @@ def test_pressure_totals():
         parse_pressure("full avg10=0.00 total=5\n")
     with pytest.raises(ParseError):
         parse_pressure("some total=x\n")
+    with pytest.raises(ParseError, match="no total= in the 'full' line"):  # cut short: not "no full"
+        parse_pressure("some avg10=0.00 avg60=0.00 avg300=0.00 total=5\nfull avg10=0.00 avg60=0.00 avg300=0.00\n")
+    assert parse_pressure("some avg10=0.00 avg60=0.00 avg300=0.00 total=5\n") == Pressure(5, None)
 
 
 def test_procs():
@@ -151,9 +155,25 @@ def test_v2_limits_max_is_absent_and_zero_protection_is_unset():
 
 def test_one_bad_file_leaves_the_others():
     problems = []
-    m = memory_from_v2({"memory.current": "garbage\n", "memory.stat": "anon 5\n"}, problems)
+    m = memory_from_v2({"memory.current": "garbage\n", "memory.stat": "anon 5\nfile 7\n"}, problems)
     assert m.usage is None and m.stat["anon"] == 5
     assert [name for name, _ in problems] == ["memory.current"]
+
+
+@pytest.mark.parametrize("text", ["", "anon 5\n", "file 7\nshmem 0\n"])
+def test_a_memory_stat_without_anon_or_file_is_an_error_not_an_empty_cgroup(text):
+    """Every kernel's memory.stat has anon and file (v1: total_rss, total_cache); an empty or
+    cut-short file is counted, its other keys kept, and nothing becomes 0."""
+    problems = []
+    m = memory_from_v2({"memory.current": "100\n", "memory.stat": text}, problems)
+    assert problems == [("memory.stat", "lacks anon or file")]
+    assert m.usage == 100 and m.stat.get("anon") == (5 if "anon" in text else None)
+    v1_problems = []
+    v1 = memory_from_v1({"memory.usage_in_bytes": "100\n", "memory.stat": "cache 5\nrss 7\n"}, v1_problems)
+    assert v1_problems == [("memory.stat", "lacks total_rss or total_cache")] and dict(v1.stat) == {}
+    # A file that could not be read is absent, not an error of its own here (the reader counts it).
+    unread: list = []
+    assert not memory_from_v2({"memory.current": "100\n"}, unread).stat and unread == []
 
 
 # Property tests: whatever bytes a file holds, a parser returns a value or raises ParseError.
