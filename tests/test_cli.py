@@ -107,9 +107,11 @@ def test_without_systemd_it_serves_health_and_says_why(server):
     assert m.value("systemd_memory_exporter_units") == 0
     assert m.get("process_resident_memory_bytes") > 0
     samples = m.value("systemd_memory_exporter_samples_total")
-    time.sleep(1.2)
-    # Still sampling (and retrying D-Bus) on its interval.
-    assert Scrape.parse(get(server + "/metrics").read().decode()).value("systemd_memory_exporter_samples_total") > samples
+    # Still sampling (and retrying D-Bus) on its interval: a newer sample within a few intervals.
+    deadline = time.monotonic() + 10
+    while Scrape.parse(get(server + "/metrics").read().decode()).value("systemd_memory_exporter_samples_total") <= samples:
+        assert time.monotonic() < deadline, "no new sample in 10 s without systemd"
+        time.sleep(0.1)
 
 
 def test_gzip_scrape_decodes_to_the_same_families(server):
@@ -165,7 +167,9 @@ def test_interval_zero_page_views_start_no_cycle(server):
     for _ in range(5):
         assert "dbus DOWN" in get(server + "/").read().decode()
         time.sleep(0.05)  # a cycle a view would have started ends meanwhile (no systemd: quick)
-    assert samples() == before + 1
+    # The scrape's own cycle, and at most one that an earlier request had asked for (the start-up
+    # poll's, on a loaded machine); five views that each started one would make it 6 or more.
+    assert before + 1 <= samples() <= before + 2
 
 
 def test_unit_filter_is_anchored_and_typed():

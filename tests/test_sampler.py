@@ -2,7 +2,7 @@
 (each tree's SOURCE.md says which), read through the same code as a live /sys and /proc.
 
 The golden /metrics files make the whole contract visible in review; regenerate them with
-UPDATE_GOLDEN=1 after a deliberate change, and read the diff.
+UPDATE_GOLDEN=1 after a deliberate change (each file it rewrites fails that run), and read the diff.
 """
 
 from __future__ import annotations
@@ -59,8 +59,11 @@ def test_golden_metrics(name, golden_name):
     tree = FIXTURES / name
     text = stable_render(sample_tree(tree), GOLDENS[golden_name])
     golden = tree / golden_name
-    if os.environ.get("UPDATE_GOLDEN"):
+    if os.environ.get("UPDATE_GOLDEN") and text != golden.read_text():
         golden.write_text(text)
+        # Never a pass: a run with the switch left on (an inherited environment) must not turn
+        # every golden into whatever this render is and call that agreement.
+        pytest.fail(f"{golden} rewritten: read the diff, then run again without UPDATE_GOLDEN")
     assert text == golden.read_text(), f"render of {name} changed; rerun with UPDATE_GOLDEN=1 and review the diff"
 
 
