@@ -177,7 +177,7 @@ def explain_text(r: Reconciliation) -> str:
     if not r.has_memory_cgroup:
         lines.append(textwrap.fill(no_memory_cgroup(r), 100, initial_indent="  ", subsequent_indent="  "))
         return "\n".join(lines)
-    if r.control_group == "/":
+    if r.control_group == "/" and r.systemctl is not None:
         # v2's root has no memory.current, so only v1 gets here. systemd asks /proc/meminfo for
         # the host's root slice before it asks which hierarchy it is on (unit_get_memory_current).
         lines.append("  (-.slice: this is the root memory cgroup's usage; on a host, not in a container,"
