@@ -5,6 +5,7 @@ whose object is gone by the time of its Get (skipped, the rest still returned)."
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 
 import pytest
@@ -53,7 +54,11 @@ class Session:
     def refresh(self, command: str = "refresh") -> dict:
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()  # bounded: every D-Bus call has $SYSTEMD_BUS_TIMEOUT (5 s)
+        # Every D-Bus call has $SYSTEMD_BUS_TIMEOUT (5 s); the deadline is for a child stuck elsewhere.
+        # One line per request, so nothing waits in stdout's buffer when select() is asked.
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        assert ready, "the discovery session did not answer within 60 s"
+        line = self.proc.stdout.readline()
         assert line, f"the discovery session ended: {self.proc.stderr.read()}"
         return json.loads(line)
 
