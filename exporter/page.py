@@ -475,8 +475,10 @@ class Pages:
             return (200, packed, True) if gzip_ok else (200, gzip.decompress(packed), False)
         name = unquote(path[len(UNIT_PREFIX):])
         uid_text = parse_qs(query).get("uid", [""])[-1]
-        if uid_text and not (uid_text.isascii() and uid_text.isdigit()):  # "²".isdigit() too, int() refuses it
-            return 400, _not_found(f"uid must be a number, not {uid_text!r}.").encode(), False
+        # "²".isdigit() too, which int() refuses; and a uid_t has at most 10 digits, where int()
+        # raises on more than 4,300 (Python 3.11+), which a 64 KiB request line can carry.
+        if uid_text and not (uid_text.isascii() and uid_text.isdigit() and len(uid_text) <= 10):
+            return 400, _not_found(f"uid must be a number, not {uid_text[:20]!r}.").encode(), False
         uid = int(uid_text) if uid_text else None
         if published is None:
             return 503, _not_found("No sample yet: try again in a moment.").encode(), False

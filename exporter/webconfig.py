@@ -203,6 +203,14 @@ class WebConfigFile:
                 self.reload_failures += 1
                 log.error("reload of --web.config.file failed, keeping the config in force: %s", e)
                 return False
+            if self.config.tls is not None and config.tls is None:
+                # Credentials and metrics must not start going out in the clear on a SIGHUP; the
+                # toolkit decides TLS at start too (turning it on by a reload is fine).
+                self.last_reload_ok = False
+                self.reload_failures += 1
+                log.error("reload of --web.config.file failed, keeping the config in force: %s has no "
+                          "tls_server_config, and a reload does not turn TLS off (restart for that)", self.path)
+                return False
             self.config, self.last_reload_ok = config, True
             apply(config)
             log.info("reloaded --web.config.file %s: its TLS settings for new connections, its passwords and "
@@ -444,8 +452,10 @@ def _headers(path: str, headers) -> dict[str, str]:
     for name, value in headers.items():
         if name not in _HEADERS:
             raise WebConfigError(f"{path}: http_server_config.headers: {name!r} cannot be set; choose from {', '.join(_HEADERS)}")
-        if not isinstance(value, str) or "\n" in value or "\r" in value:
-            raise WebConfigError(f"{path}: http_server_config.headers.{name} must be a one-line string")
+        # RFC 9110 field values: visible ASCII, spaces and tabs. Anything else (a curly quote, a
+        # NUL) would pass here and then fail to encode in every response, 401s included.
+        if not isinstance(value, str) or not all(c == "\t" or " " <= c <= "~" for c in value):
+            raise WebConfigError(f"{path}: http_server_config.headers.{name} must be one line of printable ASCII")
         allowed = _HEADERS[name]
         if allowed is not None and value not in allowed:
             raise WebConfigError(f"{path}: http_server_config.headers.{name}: {value!r}; choose from {', '.join(allowed)}")

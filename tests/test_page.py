@@ -351,6 +351,9 @@ def test_a_user_unit_named_like_a_system_unit_has_its_own_row_and_page():
     assert "slice session.slice" in text and "uid 1000" in text  # the UID, never a name: /etc/passwd may not be the host's
     assert pages.respond("/unit/dbus.service?uid=1001", published(snapshot))[0] == 404
     assert pages.respond("/unit/dbus.service?uid=x", published(snapshot))[0] == 400
+    # More digits than int() takes (4,300 on 3.11+) is a 400 too, not an exception out of respond.
+    assert pages.respond("/unit/dbus.service?uid=" + "1" * 5000, published(snapshot))[0] == 400
+    assert pages.respond("/unit/dbus.service?uid=4294967295", published(snapshot))[0] == 404
     assert pages.respond("/unit/dbus.service?uid=%C2%B2", published(snapshot))[0] == 400  # "²".isdigit() is True
 
 

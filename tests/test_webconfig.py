@@ -323,6 +323,11 @@ BAD_CONFIGS = {
     "rate-limit": ("rate_limit:\n  interval: 1s\n  burst: 5\n", "rate_limit is not supported"),
     "bad-header": ("http_server_config:\n  headers:\n    X-Powered-By: me\n", "'X-Powered-By' cannot be set"),
     "bad-header-value": ("http_server_config:\n  headers:\n    X-Frame-Options: allow\n", "choose from deny, sameorigin"),
+    # Not Latin-1 (curly quotes): accepted once, it broke every response in encoding.
+    "header-not-ascii": ("http_server_config:\n  headers:\n    Content-Security-Policy: default-src \u2018self\u2019\n",
+                         "must be one line of printable ASCII"),
+    "header-control-char": ('http_server_config:\n  headers:\n    Content-Security-Policy: "a\\0b"\n',
+                            "must be one line of printable ASCII"),
 }
 
 
@@ -524,6 +529,19 @@ def test_reload_rotates_the_certificate_and_the_password(exporter, pki, tmp_path
     e.config.write_text(config.format(hash=new_hash))
     _reload_and_wait(e, RELOADED)
     assert _gauge(e, "systemd_memory_exporter_web_config_last_reload_successful", new_auth) == 1
+
+
+def test_reload_does_not_turn_tls_off(exporter, pki):
+    """A file that lost its tls_server_config must not put credentials and metrics in the clear
+    on a SIGHUP: the reload is refused and counted, and TLS stays."""
+    e = exporter(TLS + AUTH)
+    e.config.write_text(AUTH)
+    line = _reload_and_wait(e, REFUSED_RELOAD)
+    assert "a reload does not turn TLS off" in line, line
+    assert e.request(auth="prometheus:" + PASSWORD)[0] == 200
+    status, _, body = e.request(tls=False)
+    assert status == 400 and b"HTTPS" in body
+    assert _gauge(e, "systemd_memory_exporter_web_config_reload_failures_total", "prometheus:" + PASSWORD) == 1
 
 
 def test_reload_can_turn_tls_on(exporter, pki):
