@@ -7,6 +7,7 @@ bounds below are ones only a hung or thread-starved server breaks. tests/bench m
 from __future__ import annotations
 
 import os
+import select
 import socket
 import statistics
 import subprocess
@@ -150,3 +151,53 @@ def test_malformed_and_oversized_requests_are_refused(exporter, request_bytes, s
     answer = raw_request(port, request_bytes)
     assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == status, answer[:200]
     scrape_seconds(port)  # and the exporter still serves (raises if it does not)
+
+
+def closed_by_server(s: socket.socket, wait: float) -> bool:
+    """Whether the server has closed ``s`` (EOF or reset) within ``wait`` seconds."""
+    readable, _, _ = select.select([s], [], [], wait)
+    if not readable:
+        return False
+    try:
+        return s.recv(65536) == b""
+    except OSError:
+        return True
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_dropped(exporter):
+    """The socket's timeout bounds one recv; a header line sent a byte every half second would
+    hold its connection slot for ever, and 128 such clients stop every scrape. The request
+    must arrive within the request timeout (10 s) as a whole."""
+    port, _ = exporter
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < 25:
+            try:
+                s.sendall(b"x")
+            except OSError:
+                closed = True
+                break
+            closed = closed_by_server(s, 0.5)
+        took = time.monotonic() - started
+    assert closed, "a trickling client kept its connection for 25 s"
+    assert took < HUNG + 3, f"dropped only after {took:.1f} s"
+    scrape_seconds(port)
+
+
+def test_sigterm_is_prompt_while_every_connection_slot_is_held(exporter):
+    """With all 128 slots held by idle clients, the accept loop waits for a slot for the next
+    connection; SIGTERM must still end the process at once, not when a slot frees (10 s)."""
+    port, process = exporter
+    held = open_slow_connections(port, 130)
+    try:
+        time.sleep(0.5)  # the 129th and 130th are accepted and wait for a slot
+        started = time.monotonic()
+        process.terminate()
+        process.wait(timeout=HUNG + 5)
+        took = time.monotonic() - started
+    finally:
+        for s in held:
+            s.close()
+    assert took < 5, f"SIGTERM took {took:.1f} s with every slot held"
