@@ -117,8 +117,10 @@ def build(q: Queries) -> dict:
             "throttles at MemoryHigh. A few percent sustained means the unit is short of memory.",
             p.pos(18, 15, 6, 10),
             [p.target(
+                # The 10 are chosen once, over the whole range: @ end() on the range selector. After
+                # topk(...) it bound to the last selector inside only, and topk chose anew each step.
                 q.not_slice(q.rate_of(PRESSURE, FULL)) + "\nand on (instance, job, unit, uid)\n"
-                + "topk(10, " + q.not_slice(q.rate_of(PRESSURE, FULL, "$__range")) + " @ end())",
+                + "topk(10, " + q.not_slice(q.rate_of(PRESSURE, FULL, "$__range", at="end()")) + ")",
                 "{{unit}}",
             )],
             unit="percentunit",

@@ -142,8 +142,9 @@ class Queries:
         """One series per unit, slices included (limits and OOM kills of slices are their own)."""
         return f"sum by (instance, job, unit, uid) (\n{expr}\n)"
 
-    def rate_of(self, name: str, matchers: str, window: str = "$__rate_interval") -> str:
-        return f"rate({self.metric(name, matchers)}[{window}])"
+    def rate_of(self, name: str, matchers: str, window: str = "$__rate_interval", at: str = "") -> str:
+        """``at``: an @ modifier for the range selector ("end()": the rate over the whole range)."""
+        return f"rate({self.metric(name, matchers)}[{window}]{' @ ' + at if at else ''})"
 
     def sum_units(self, expr: str) -> str:
         """expr summed over the selected units, each page once: no slices, no users' own units."""
