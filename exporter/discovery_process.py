@@ -71,7 +71,11 @@ class DiscoveryProcess:
         """A fresh unit list if the child answers within ``wait`` seconds, else the last one.
         ``pause`` is called between the chunks of an answer (the sampler's scrape pause point)."""
         if self._proc is None or self._proc.poll() is not None:
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as e:  # EAGAIN at TasksMax, ENOMEM at MemoryMax: D-Bus is down, not the cycle
+                self._proc = None
+                return self._failed(f"cannot start the discovery process: {e}")
         if self._pending_since is None:
             try:
                 self._proc.stdin.write(b"refresh\n")
@@ -150,6 +154,11 @@ class DiscoveryProcess:
         while the process has one thread; False when it could not (the first request then
         starts a fresh interpreter)."""
         if self._proc is not None or not hasattr(os, "pidfd_open"):
+            return False
+        try:  # the kernel (5.3+) or a seccomp profile may refuse it: find out before forking
+            os.close(os.pidfd_open(os.getpid()))
+        except OSError as e:
+            log.info("no pidfd_open here (%s): the discovery child will be a new interpreter", e)
             return False
         config = dict(self._config, log_level=logging.getLogger().getEffectiveLevel())
         requests_r, requests_w = os.pipe()

@@ -19,6 +19,7 @@ from .cgroupfs import Layout, detect_layout
 from .cgroupreader import CgroupReader
 from .errorlog import CycleErrors, ErrorLog
 from .keptfiles import DEFAULT_KEPT_FILES, KeptFiles, default_limit
+from .kernelfiles import read_bytes
 from .procfs import ProcessTotals, ProcessWalker
 from .pss import DEFAULT_BUDGET, DEFAULT_MAX_RSS, PssCollector
 from .snapshot import Snapshot, SourceHealth, UnitSample
@@ -89,7 +90,11 @@ class Sampler:
             memories[u.key] = reader.memory(u.control_group)
         phase("cgroup")
 
-        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle, self.files.read_bytes,
+        # v1 hands a cgroup.procs descriptor read again within a second the PID list it built for
+        # the previous read (cgroup_pidlist_start; CGROUP_PIDLIST_DESTROY_DELAY is HZ): kept, it
+        # would never show a new process at intervals under a second. cgroup2 lists afresh.
+        procs_read = read_bytes if layout.name == "legacy" else self.files.read_bytes
+        walker = ProcessWalker(layout.procs_root or "", self.config.procfs, cycle, procs_read,
                                self.files.read_many, pause)
         totals = walker.totals(u.control_group for u in found.units) if layout.procs_root else {}
         self.files.end_cycle()

@@ -136,3 +136,23 @@ def test_a_child_stuck_past_the_hang_limit_is_killed_and_replaced():
         assert client._proc is not None and client._proc.pid != stuck.pid
     finally:
         client._kill()
+
+
+def test_a_child_that_cannot_be_started_is_an_unavailable_source_not_a_lost_cycle():
+    """Popen failing (EAGAIN at the unit's TasksMax, ENOMEM at MemoryMax; here: no such program)
+    used to raise out of the sampler, so the whole cycle was lost and the old snapshot stayed,
+    its sources still up. Now dbus is down and the cgroup figures are fresh."""
+    from exporter.sampler import Sampler
+
+    client = DiscoveryProcess(".+", "", ["service"], "/nonexistent/private", timeout=0.2)
+    client._argv = ["/nonexistent/python3"]
+    fixtures = Path(__file__).parent / "fixtures" / "hybrid"
+    sampler = Sampler(SamplerConfig(str(fixtures / "proc"), str(fixtures / "sys/fs/cgroup"), 0),
+                      lambda: client.request(wait=1))
+    try:
+        snapshot = sampler.sample()
+        assert snapshot.sources["dbus"].up is False and "cannot start the discovery process" in snapshot.sources["dbus"].message
+        assert snapshot.sources["cgroup"].up and snapshot.samples_total == 1
+        assert sampler.sample().samples_total == 2  # and again, not once only
+    finally:
+        client.stop()

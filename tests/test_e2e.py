@@ -18,6 +18,7 @@ import pytest
 
 from tests.testhost import TestHost, require_available, workloads
 from tests.truth import (
+    ExporterClient,
     MiB,
     check_accounting_off,
     check_anon_hog,
@@ -26,6 +27,7 @@ from tests.truth import (
     check_rss_is_proc_sums,
     check_tmpfs_writer,
     exporter_in_host,
+    free_port,
     proc_sums,
 )
 
@@ -179,6 +181,51 @@ def test_a_cgroup_tree_deeper_than_pythons_recursion_limit_is_walked(testhost, e
         testhost.run(["sh", "-c", f"echo {pid} > {top}/cgroup.procs"], check=False)
         testhost.run(["find", top + "/n", "-depth", "-type", "d", "-exec", "rmdir", "{}", "+"], check=False)
         workloads.stop_units(testhost, [unit])
+
+
+def test_serves_where_pidfd_open_is_refused(testhost):
+    """A kernel before 5.3, or a seccomp profile, refuses pidfd_open: the discovery child is then
+    a fresh interpreter and the exporter serves. The call used to come after the fork, unguarded,
+    and the exporter died at start."""
+    port = free_port()
+    unit = "th-no-pidfd.service"
+    testhost.run(["systemd-run", "--quiet", f"--unit={unit}", "-p", "SystemCallFilter=~pidfd_open",
+                  "-p", "SystemCallErrorNumber=ENOSYS", f"--working-directory={testhost.checkout}",
+                  f"--setenv=PYTHONPATH={testhost.checkout}", testhost.python, "-m", "exporter",
+                  f"--web.listen-address=127.0.0.1:{port}", f"--sample.interval={INTERVAL:g}"])
+    try:
+        client = ExporterClient(f"http://127.0.0.1:{port}/metrics", INTERVAL)
+        client.wait_ready(timeout=30)
+        client.next_sample()
+        m = client.scrape()
+        assert m.value("systemd_memory_exporter_source_up", source="dbus") == 1
+        assert m.value("systemd_memory_exporter_units") > 0
+    finally:
+        journal = testhost.run(["journalctl", "--no-pager", "-u", unit, "-o", "cat"], check=False).stdout
+        workloads.stop_units(testhost, [unit])
+    assert "no pidfd_open here" in journal and "Traceback" not in journal, journal
+
+
+def test_a_process_moved_into_a_unit_is_counted_at_a_sub_second_interval(testhost):
+    """cgroup v1 keeps the PID list it built for a cgroup.procs read and hands it to the same
+    descriptor read again within a second (cgroup_pidlist_start, CGROUP_PIDLIST_DESTROY_DELAY):
+    a kept descriptor read every 0.5 s never saw this second process (legacy layout)."""
+    with exporter_in_host(testhost, 0.5) as client:
+        unit = workloads.anon_hog(testhost, 10)
+        other = workloads.start_unit(testhost, "th-moved.service", ["sleep", "600"])
+        try:
+            client.next_sample()
+            client.next_sample()
+            assert client.scrape().value("systemd_unit_processes", unit=unit) == 1
+            pid = testhost.show(other, "MainPID")["MainPID"]
+            procs = f"/sys/fs/cgroup/{testhost.procs_hierarchy}{testhost.unit_cgroup(unit)}/cgroup.procs"
+            testhost.run(["sh", "-c", f"echo {pid} > {procs}"])
+            deadline = time.monotonic() + 10
+            while client.scrape().value("systemd_unit_processes", unit=unit) != 2:
+                assert time.monotonic() < deadline, "the moved process was never counted"
+                client.next_sample()
+        finally:
+            workloads.stop_units(testhost, [unit, other])
 
 
 def test_self_health_is_up(testhost, exporter, units):
