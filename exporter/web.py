@@ -224,6 +224,7 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.close()  # makefile()'s reader, replaced by one that keeps a deadline
         self._reader = DeadlineReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader)
+        self._send_deadline: float | None = None
 
     def handle_one_request(self) -> None:
         timeout = self.server.request_timeout
@@ -314,7 +315,7 @@ class Handler(BaseHTTPRequestHandler):
             buffered.append(b"\r\n")
             parts = [b"".join(buffered), *(part for part in body if part)]
             self._headers_buffer = []
-        send_parts(self.connection, self.wfile, parts, getattr(self, "_send_deadline", None))
+        send_parts(self.connection, self.wfile, parts, self._send_deadline)
 
     do_HEAD = do_GET
 

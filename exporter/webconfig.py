@@ -198,18 +198,15 @@ class WebConfigFile:
         with self._lock:
             try:
                 config = load(self.path)
+                if self.config.tls is not None and config.tls is None:
+                    # Credentials and metrics must not start going out in the clear on a SIGHUP;
+                    # the toolkit decides TLS at start too (turning it on by a reload is fine).
+                    raise WebConfigError(f"{self.path} has no tls_server_config, and a reload does not turn "
+                                         "TLS off (restart for that)")
             except WebConfigError as e:
                 self.last_reload_ok = False
                 self.reload_failures += 1
                 log.error("reload of --web.config.file failed, keeping the config in force: %s", e)
-                return False
-            if self.config.tls is not None and config.tls is None:
-                # Credentials and metrics must not start going out in the clear on a SIGHUP; the
-                # toolkit decides TLS at start too (turning it on by a reload is fine).
-                self.last_reload_ok = False
-                self.reload_failures += 1
-                log.error("reload of --web.config.file failed, keeping the config in force: %s has no "
-                          "tls_server_config, and a reload does not turn TLS off (restart for that)", self.path)
                 return False
             self.config, self.last_reload_ok = config, True
             apply(config)
