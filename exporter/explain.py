@@ -51,7 +51,7 @@ PARTS = (
     ("unmapped_cache", "unmapped page cache", "files read or written: reclaimable, harmless"),
     ("shmem", "shmem / tmpfs", "looks like cache, cannot be dropped without swap"),
     ("kernel", "kernel", "slab, sockets, page tables charged to the unit"),
-    ("remainder", "unexplained remainder", "v1 usage fuzz, per-CPU charge batching"),
+    ("remainder", "unexplained remainder", "v1 usage fuzz, per-CPU charge batching; v2 swap cache, sockets"),
 )
 
 

@@ -80,15 +80,20 @@ class Breakdown:
         if memory is None:
             return cls(None, top, None, None, None, None, None, None, None)
         stat = memory.stat
-        anon, file, shmem = stat.get("anon"), stat.get("file"), stat.get("shmem")
+        anon, file, shmem, file_mapped = stat.get("anon"), stat.get("file"), stat.get("shmem"), stat.get("file_mapped")
         mapped_file = unmapped = None
-        if file is not None and shmem is not None:
-            # file_mapped also counts mapped shmem; cap it so the parts never exceed file.
-            mapped_file = min(stat.get("file_mapped", 0), max(file - shmem, 0))
+        if None not in (file, shmem, file_mapped):
+            # file_mapped counts mapped shmem too, which shmem already holds. The unit's processes
+            # map at most their summed RssShmem of it (less when they share pages), so what is
+            # left of file_mapped is mapped regular files: a database's 4 GiB of mapped
+            # shared_buffers no longer hides its unmapped page cache. Capped: parts never exceed file.
+            mapped_shmem = min(shmem, sample.processes.rss_shmem)
+            mapped_file = min(max(file_mapped - mapped_shmem, 0), max(file - shmem, 0))
             unmapped = max(file - shmem - mapped_file, 0)
         kernel = stat.get("kernel")
         remainder = None
-        if memory.usage is not None and None not in (anon, file):
+        # Only where file's split is known: otherwise the page cache would be in no part at all.
+        if memory.usage is not None and None not in (anon, mapped_file):
             remainder = memory.usage - anon - file - (kernel or 0)
         return cls(memory.usage, top, anon, mapped_file, unmapped, shmem, kernel, remainder, memory.swap)
 

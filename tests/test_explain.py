@@ -97,3 +97,37 @@ def test_report_on_a_fixture_tree_names_the_layout_and_the_largest_units():
     root = explain(snapshot, ["-.slice"])
     assert "\n-.slice  (" in root and "systemctl shows MemTotal - MemAvailable instead" in root
     assert "MemTotal" not in explain(snapshot, [first])
+
+
+def _sample_with_stat(stat_text: str, usage: int, rss_shmem: int) -> UnitSample:
+    from exporter.memory import memory_from_v2
+
+    memory = memory_from_v2({"memory.current": f"{usage}\n", "memory.stat": stat_text}, [])
+    unit = Unit("postgresql@15-main.service", "service", "active", "running", "/system.slice/postgresql@15-main.service")
+    return UnitSample(unit, ProcessTotals(20, 200 * MiB, 100 * MiB, rss_shmem, 0), memory)
+
+
+def test_mapped_shared_memory_is_not_taken_for_mapped_files():
+    """file_mapped counts mapped shmem too. A database: 4 GiB shared_buffers mapped by 20
+    backends (RssShmem sums to 80 GiB), 100 MiB of mapped files, 924 MiB of page cache nobody
+    maps. Capping file_mapped at file - shmem called all 1 GiB "mapped files" and left no
+    reclaimable cache at all."""
+    GiB = 1024 * MiB
+    stat = f"anon {200 * MiB}\nfile {5 * GiB}\nshmem {4 * GiB}\nfile_mapped {4 * GiB + 100 * MiB}\nkernel {10 * MiB}\n"
+    b = Breakdown.of(_sample_with_stat(stat, 5 * GiB + 210 * MiB, 80 * GiB))
+    assert (b.mapped_file, b.unmapped_cache, b.shmem) == (100 * MiB, 924 * MiB, 4 * GiB)
+    assert b.anon + b.mapped_file + b.unmapped_cache + b.shmem + b.kernel + b.remainder == b.systemctl
+    # Processes that map none of it: all of file_mapped is mapped files, as before.
+    unmapped_shm = Breakdown.of(_sample_with_stat(stat, 5 * GiB + 210 * MiB, 0))
+    assert (unmapped_shm.mapped_file, unmapped_shm.unmapped_cache) == (1 * GiB, 0)
+
+
+def test_a_page_cache_split_the_kernel_does_not_give_is_absent_not_a_remainder():
+    """Without shmem or file_mapped (a malformed memory.stat, counted as such) the file part
+    cannot be split: its parts and the remainder are absent, not a remainder that lost the
+    whole page cache."""
+    no_shmem = Breakdown.of(_sample_with_stat(f"anon {MiB}\nfile {200 * MiB}\nfile_mapped 0\n", 201 * MiB, 0))
+    assert (no_shmem.mapped_file, no_shmem.unmapped_cache, no_shmem.shmem, no_shmem.remainder) == (None, None, None, None)
+    no_mapped = Breakdown.of(_sample_with_stat(f"anon {MiB}\nfile {200 * MiB}\nshmem 0\n", 201 * MiB, 0))
+    assert (no_mapped.mapped_file, no_mapped.unmapped_cache, no_mapped.remainder) == (None, None, None)
+    assert no_mapped.anon == MiB and no_mapped.systemctl == 201 * MiB

@@ -197,7 +197,8 @@ def expected_parts(m: Scrape, unit: str) -> dict[str, int]:
     usage = int(m.value("systemd_unit_memory_bytes", unit=unit, type="cgroup_usage"))
     anon, file, shmem = stat("anon"), stat("file"), stat("shmem")
     kernel = int(m.get("systemd_unit_memory_stat_bytes", unit=unit, item="kernel") or 0)
-    mapped = min(stat("file_mapped"), max(file - shmem, 0))
+    rss_shmem = int(m.value("systemd_unit_memory_bytes", unit=unit, type="rss_shmem"))
+    mapped = min(max(stat("file_mapped") - min(shmem, rss_shmem), 0), max(file - shmem, 0))
     return {
         "anon": anon, "mapped_file": mapped, "unmapped_cache": max(file - shmem - mapped, 0), "shmem": shmem,
         "kernel": kernel, "remainder": usage - anon - file - kernel,
