@@ -50,9 +50,11 @@ PARTS = (
     ("mapped_file", "mapped files", "code and mmapped files; in top as RssFile"),
     ("unmapped_cache", "unmapped page cache", "files read or written: reclaimable, harmless"),
     ("shmem", "shmem / tmpfs", "looks like cache, cannot be dropped without swap"),
-    ("kernel", "kernel", "slab, sockets, page tables charged to the unit"),
+    # Not sockets: v2 charges them to usage beside kernel (the remainder), v1 to memory.kmem.tcp.*.
+    ("kernel", "kernel", "slab, kernel stacks, page tables charged to the unit"),
     ("remainder", "unexplained remainder", "v1 usage fuzz, per-CPU charge batching; v2 swap cache, sockets"),
 )
+KERNEL_SUMMED = "summed from memory.stat's kernel parts: this kernel (before 5.18) prints no total"
 
 
 @record
@@ -111,7 +113,10 @@ def reconcile(sample: UnitSample) -> Reconciliation:
     events: Mapping[str, int] = {}
     pressure = None
     if memory is not None:
-        parts = tuple(Part(key, label, getattr(b, key), why) for key, label, why in PARTS)
+        parts = tuple(
+            Part(key, label, getattr(b, key), KERNEL_SUMMED if key == "kernel" and memory.kernel_summed else why)
+            for key, label, why in PARTS
+        )
         limits, events, pressure = memory.limits, memory.events, memory.pressure
     return Reconciliation(
         unit=unit.name,

@@ -138,7 +138,8 @@ def unit_families(snapshot: Snapshot, budget: SeriesBudget = DEFAULT_BUDGET,
     stat = Family(
         UNIT_STAT, "gauge",
         "cgroup memory.stat of a systemd unit, hierarchical, in cgroup v2 names (v1: total_rss->anon, "
-        "total_cache->file, total_mapped_file->file_mapped, ...; kernel from memory.kmem.usage_in_bytes)." + sampled,
+        "total_cache->file, total_mapped_file->file_mapped, ...; kernel from memory.kmem.usage_in_bytes; "
+        "v2 before 5.18: kernel = kernel_stack + pagetables + percpu + vmalloc + slab)." + sampled,
     )
     working_set = Family(
         UNIT_WORKING_SET, "gauge",

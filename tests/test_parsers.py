@@ -176,6 +176,26 @@ def test_a_memory_stat_without_anon_or_file_is_an_error_not_an_empty_cgroup(text
     assert not memory_from_v2({"memory.current": "100\n"}, unread).stat and unread == []
 
 
+
+def test_v2_before_5_18_gets_its_kernel_total_summed_from_the_parts():
+    """5.18 added memory.stat's kernel total; before it (Debian 11's 5.10, Ubuntu 22.04's 5.15)
+    the same item is the sum of the parts the kernel prints, sock left out as 5.18's total
+    leaves it, and the record says it was summed. A printed total is never replaced."""
+    parts = "kernel_stack 16384\npercpu 480\nsock 4096\nslab_reclaimable 1000\nslab_unreclaimable 2000\nslab 3000\n"
+    m = memory_from_v2({"memory.stat": "anon 5\nfile 7\n" + parts}, [])
+    assert m.stat["kernel"] == 16384 + 480 + 3000 and m.kernel_summed
+    printed = memory_from_v2({"memory.stat": "anon 5\nfile 7\nkernel 90000\n" + parts}, [])
+    assert printed.stat["kernel"] == 90000 and not printed.kernel_summed
+    # Before 5.9 there is no slab key: its two halves stand in; pagetables (5.11+) is added when there.
+    before_5_9 = memory_from_v2({"memory.stat": "anon 5\nfile 7\npagetables 8192\n" + parts.replace("slab 3000\n", "")}, [])
+    assert before_5_9.stat["kernel"] == 16384 + 8192 + 480 + 1000 + 2000
+    # No part at all: no kernel figure, never 0.
+    bare = memory_from_v2({"memory.stat": "anon 5\nfile 7\nsock 4096\n"}, [])
+    assert "kernel" not in bare.stat and not bare.kernel_summed
+    # v1 takes its kernel figure from memory.kmem.usage_in_bytes and never sums.
+    v1 = memory_from_v1({"memory.stat": "total_rss 5\ntotal_cache 7\n", "memory.kmem.usage_in_bytes": "4096\n"}, [])
+    assert v1.stat["kernel"] == 4096 and not v1.kernel_summed
+
 # Property tests: whatever bytes a file holds, a parser returns a value or raises ParseError.
 PARSERS = [parse_smaps_rollup, parse_single_value, parse_limit, parse_v1_limit, parse_flat_keyed, parse_pressure, parse_procs, parse_status]
 texts = st.one_of(

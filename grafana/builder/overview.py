@@ -32,7 +32,7 @@ def host_tiles(q: Queries) -> list[dict]:
          "dirty and writeback pages. ", q.host_reclaimable(), "blue"),
         ("tmpfs / shm", "Pages of tmpfs files and shared memory (memory.stat shmem). They count as page cache but can "
          "only leave RAM by being deleted or swapped. ", q.host_stat("shmem"), "purple"),
-        ("Kernel", "Kernel memory charged to cgroups: slab, kernel stacks, page tables, socket buffers. ",
+        ("Kernel", "Kernel memory charged to cgroups: slab, kernel stacks, page tables (socket buffers are not in it). ",
          q.host_total(q.kernel), "yellow"),
         ("Swap", "Swap used by units (not part of systemctl's memory number). Absent on cgroup v1 without swap "
          "accounting. ", q.host_total(lambda s: q.mem("swap", s)), "dark-red"),

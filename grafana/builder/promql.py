@@ -114,11 +114,9 @@ class Queries:
         return f"{self.reclaimable()}\n/ ignoring (item, type) ({self.usage()} > 0)"
 
     def kernel(self, sel: str | None = None) -> str:
-        """memory.stat kernel (v2 5.18+, v1 kmem usage), else its parts summed (older v2 kernels)."""
-        return (
-            f'{self.stat("kernel", sel)}\nor ignoring (item)\n'
-            f'sum without (item) ({self.stat("kernel_stack|pagetables|percpu|sock|vmalloc|slab", sel)})'
-        )
+        """memory.stat kernel: v2 5.18+ prints it, the exporter sums its parts on older v2
+        kernels (exporter/memory.py summed_kernel), v1 takes memory.kmem.usage_in_bytes."""
+        return self.stat("kernel", sel)
 
     def mapped_and_anon_minus_top(self, sel: str | None = None) -> str:
         """What is left of the gap: pages the cgroup counts once and top counts per process (or not)."""

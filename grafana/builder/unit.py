@@ -162,7 +162,8 @@ def build(q: Queries) -> dict:
         ),
         p.timeseries(
             "Kernel memory in detail",
-            "memory.stat kernel items charged to the unit: kernel (all of it; v2 5.18+, v1 kmem usage), "
+            "memory.stat kernel items charged to the unit: kernel (all of it; v1 kmem usage; on v2 before 5.18 "
+            "the exporter's sum of kernel_stack, pagetables, percpu, vmalloc and slab), "
             "slab_reclaimable (dentries and inodes, shrinks under pressure), slab_unreclaimable, kernel_stack, "
             "pagetables (grows with mapped memory), percpu, sock (network buffers), vmalloc. By default the "
             "series budget exports only kernel; the other items need --collector.stat.fields.",
