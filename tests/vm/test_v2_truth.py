@@ -358,10 +358,15 @@ def _matching_probe(exporter, names, files, compare, attempts=5):
 
 
 def v2_stat(vm, p, name) -> dict[str, int]:
-    """The unit's memory.stat in v2 vocabulary: as printed on v2; on v1 its total_* keys
-    renamed (exporter.memory.V1_STAT_NAMES) plus "kernel" from memory.kmem.usage_in_bytes."""
+    """The unit's memory.stat in v2 vocabulary: as printed on v2 (before 5.18, which prints no
+    kernel total, plus "kernel" summed from the parts cgroup-v2.rst says it holds); on v1 its
+    total_* keys renamed (exporter.memory.V1_STAT_NAMES) plus "kernel" from
+    memory.kmem.usage_in_bytes."""
     raw = keyed(p.file(name, "memory.stat"))
     if v2(vm):
+        if "kernel" not in raw:
+            slab = ("slab",) if "slab" in raw else ("slab_reclaimable", "slab_unreclaimable")  # 5.9+
+            raw["kernel"] = sum(raw.get(k, 0) for k in ("kernel_stack", "pagetables", "percpu", "vmalloc", *slab))
         return raw
     stat = {v2_name: raw[v1_name] for v1_name, v2_name in memfiles.V1_STAT_NAMES.items() if v1_name in raw}
     kmem = p.file(name, "memory.kmem.usage_in_bytes")
