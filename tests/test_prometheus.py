@@ -6,6 +6,7 @@ alert expressions tell the risky workload from its healthy look-alike."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -373,3 +374,58 @@ def test_v2_capture_recording_rules(v2_capture):
         assert time.monotonic() < deadline, "the tmpfs rules produced nothing"
         time.sleep(0.5)
     assert firing == {"smx-shm-3.service"}
+
+
+def test_most_stalled_panel_keeps_one_set_of_ten_over_the_range(tmp_path):
+    """The overview's "most stalled units" picks its 10 once, over the whole range (@ end() on
+    the range selector). Backfilled into a real Prometheus: burst.service stalls hard for 4
+    minutes and then not at all (11th over the hour, but top at its minutes); late.service stalls
+    only in the second half (in the 10). Chosen per step, burst.service shows and late.service
+    comes and goes; chosen once, the lines are exactly the hour's top 10, non-slices only."""
+    start = (int(time.time()) // 3600 - 3) * 3600  # three hours back: backfilled blocks, not the head
+    step, minutes = 15, 60
+    per_minute = {f"s{i:02d}.service": [3.0] * minutes for i in range(1, 10)}  # 5 % of the time
+    per_minute["s10.service"] = [2.4] * minutes  # 4 %
+    per_minute["burst.service"] = [30.0] * 4 + [0.0] * (minutes - 4)  # 50 % for 4 minutes
+    per_minute["late.service"] = [0.0] * 30 + [6.0] * 30  # 10 % in the second half
+    per_minute["system.slice"] = [40.0] * minutes  # a slice: never listed
+    labels = 'instance="h1:9558",job="systemd-memory-exporter"'  # OpenMetrics: no space after a comma
+    lines = []
+    for unit, rates in per_minute.items():
+        kind = "slice" if unit.endswith(".slice") else "service"
+        total = 0.0
+        for n in range(minutes * 60 // step + 1):
+            at = start + n * step
+            lines.append(f'systemd_unit_info{{{labels},unit="{unit}",unit_type="{kind}"}} 1 {at}')
+            lines.append(f'systemd_unit_memory_pressure_seconds_total{{{labels},unit="{unit}",kind="full"}} {total:.3f} {at}')
+            if n * step < minutes * 60:
+                total += rates[n * step // 60] * step / 60
+    lines.sort(key=lambda line: (line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])))
+    (tmp_path / "series.om").write_text("\n".join(lines) + "\n# EOF\n")
+    data = tmp_path / "data"
+    made = subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", str(tmp_path / "series.om"), str(data)],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    hour = {unit: sum(rates) for unit, rates in per_minute.items() if unit.endswith(".service")}
+    expected = set(sorted(hour, key=hour.get, reverse=True)[:10])
+    assert "late.service" in expected and not {"burst.service", "s10.service"} & expected  # the data does its job
+    panel = next(q for q in queries.dashboard_queries({"instance": "h1:9558", "job": JOB, "unit_name": "x",
+                                                      "__range": "1h", "__interval": "1m"})
+                 if q.panel == "Memory pressure: most stalled units")
+    with prom.running([], tmp_path, free_port()) as (prometheus, proc):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if prometheus.query(f"count(systemd_unit_info @ {start + 1800})"):
+                    break
+            except OSError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline and proc.poll() is None, "Prometheus never served the blocks"
+            time.sleep(0.5)
+        lines_drawn = prometheus.query_range(panel.expr, start + 60, start + 3600, 60)
+    shown = {series["metric"]["unit"] for series in lines_drawn}
+    assert shown == expected, shown ^ expected
+    late = next(s for s in lines_drawn if s["metric"]["unit"] == "late.service")
+    # late.service's line: 0 % in the first half, 10 % once its stalls began.
+    assert float(dict(late["values"])[start + 3000]) == pytest.approx(0.1)
+    assert float(dict(late["values"])[start + 600]) == 0
