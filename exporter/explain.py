@@ -55,6 +55,15 @@ PARTS = (
     ("remainder", "unexplained remainder", "v1 usage fuzz, per-CPU charge batching; v2 swap cache, sockets"),
 )
 KERNEL_SUMMED = "summed from memory.stat's kernel parts: this kernel (before 5.18) prints no total"
+NEGATIVE_REMAINDER = "below zero: v1's usage_in_bytes lags memory.stat (per-CPU charge batching)"
+
+
+def _why(key: str, why: str, value: int | None, memory) -> str:
+    if key == "kernel" and memory.kernel_summed:
+        return KERNEL_SUMMED
+    if key == "remainder" and value is not None and value < 0:
+        return NEGATIVE_REMAINDER
+    return why
 
 
 @record
@@ -113,10 +122,7 @@ def reconcile(sample: UnitSample) -> Reconciliation:
     events: Mapping[str, int] = {}
     pressure = None
     if memory is not None:
-        parts = tuple(
-            Part(key, label, getattr(b, key), KERNEL_SUMMED if key == "kernel" and memory.kernel_summed else why)
-            for key, label, why in PARTS
-        )
+        parts = tuple(Part(key, label, getattr(b, key), _why(key, why, getattr(b, key), memory)) for key, label, why in PARTS)
         limits, events, pressure = memory.limits, memory.events, memory.pressure
     return Reconciliation(
         unit=unit.name,

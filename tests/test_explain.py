@@ -146,3 +146,16 @@ def test_kernel_memory_of_a_kernel_before_5_18_is_a_part_not_the_remainder():
     assert "summed" in explain_text(r)
     printed = reconcile(_sample_with_stat(stat + f"kernel {35 * MiB}\n", 186 * MiB, 0))
     assert {p.key: p for p in printed.parts}["kernel"].why == "slab, kernel stacks, page tables charged to the unit"
+
+
+def test_a_negative_v1_remainder_says_why_it_is_below_zero():
+    """v1's usage_in_bytes is batched per CPU and can run below memory.stat's itemised parts."""
+    from exporter.memory import memory_from_v1
+
+    memory = memory_from_v1({"memory.usage_in_bytes": f"{100 * MiB}\n", "memory.kmem.usage_in_bytes": f"{MiB}\n",
+                             "memory.stat": f"total_rss {60 * MiB}\ntotal_cache {41 * MiB}\ntotal_shmem 0\ntotal_mapped_file 0\n"}, [])
+    unit = Unit("a.service", "service", "active", "running", "/system.slice/a.service")
+    r = reconcile(UnitSample(unit, ProcessTotals(1, 60 * MiB, 0, 0, 0), memory))
+    remainder = {p.key: p for p in r.parts}["remainder"]
+    assert remainder.bytes == -2 * MiB and remainder.why.startswith("below zero")
+    assert "below zero" in explain_text(r) and "-2.0 MiB" in explain_text(r)
