@@ -162,6 +162,11 @@ class ProcessWalker:
         # away, None for one that could not be read. The PSS pass (exporter/pss.py) takes its
         # processes from here, so cgroup.procs is read once per cycle and both see the same PIDs.
         self.listings: dict[str, tuple[list[int], list[str]] | None] = {}
+        # Every PID counted this walk. cgroup.procs files are read one after another, so a
+        # process moved from a walked cgroup to a later one (pam_systemd, systemd-run --scope)
+        # is listed twice, and on v1 a process whose threads sit in two cgroups is listed in
+        # both for good: counted once, in the first, their common slice does not sum it twice.
+        self._counted: set[int] = set()
         # hidepid=invisible makes another user's /proc/PID look like a process that exited.
         # kill(pid, 0) tells them apart, but only for a procfs of our own PID namespace.
         try:
@@ -221,7 +226,15 @@ class ProcessWalker:
         self._pause()
         directory = cgroup_path(self.procs_root, cgroup)
         try:
-            pids = parse_procs_bytes(self._read(directory + "/cgroup.procs"))
+            try:
+                pids = parse_procs_bytes(self._read(directory + "/cgroup.procs"))
+            except OSError as e:
+                # A threaded cgroup (v2; libvirt makes a VM's emulator, vcpuN and iothreadN so)
+                # refuses cgroup.procs: its processes are all listed by its threaded domain,
+                # which was walked first (cgroup_procs_start in kernel/cgroup/cgroup.c).
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                pids = []
             children = child_cgroups(directory)
         except (OSError, ParseError) as e:
             # A parse error names the file; an OSError may come from the listing too.
@@ -233,7 +246,10 @@ class ProcessWalker:
             return None
         # PID 0: a process outside our PID namespace (a container's launcher); it has no
         # /proc entry here, so it is not one of the processes we can see.
-        pids = [pid for pid in pids if pid]
+        counted = self._counted
+        if 0 in pids or not counted.isdisjoint(pids):
+            pids = [pid for pid in pids if pid and pid not in counted]
+        counted.update(pids)
         self.listings[cgroup] = (pids, children)
         count, anon, file, shmem, swap = len(pids), 0, 0, 0, 0
         status = self._status

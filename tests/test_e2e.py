@@ -183,6 +183,51 @@ def test_a_cgroup_tree_deeper_than_pythons_recursion_limit_is_walked(testhost, e
         workloads.stop_units(testhost, [unit])
 
 
+
+# Two threads: the second is the one placed in another cgroup of the unit.
+TWO_THREADS = ("import threading, time; b = bytearray(20 << 20); b[::4096] = b'x' * len(b[::4096]); "
+               "threading.Thread(target=time.sleep, args=(600,)).start(); time.sleep(600)")
+
+
+def test_a_process_split_across_its_units_cgroups_is_counted_once_without_errors(testhost, exporter):
+    """A process whose threads sit in different cgroups of its unit. Hybrid (cgroup2 tree): as
+    libvirt places a VM's threads on v2, a threaded subtree libvirt/{emulator,vcpu0} with the
+    second thread in vcpu0; a threaded cgroup refuses cgroup.procs (EOPNOTSUPP), which counted
+    a cgroup error every cycle and marked the source down. Legacy (v1): the second thread in a
+    child cgroup, whose cgroup.procs then lists the process too: the unit counted it twice."""
+    unit = workloads.start_unit(testhost, "th-split-threads.service", [testhost.python, "-c", TWO_THREADS],
+                                properties=["Delegate=yes"])
+    top = f"/sys/fs/cgroup/{testhost.procs_hierarchy}{testhost.unit_cgroup(unit)}"
+    pid = testhost.show(unit, "MainPID")["MainPID"]
+    workloads.wait_until(lambda: len(testhost.run(["ls", f"/proc/{pid}/task"]).stdout.split()) == 2, 10,
+                         "the payload's second thread never started")
+    thread = max(int(t) for t in testhost.run(["ls", f"/proc/{pid}/task"]).stdout.split())
+    if testhost.layout == "hybrid":
+        made = [f"{top}/libvirt", f"{top}/libvirt/emulator", f"{top}/libvirt/vcpu0"]
+        steps = [f"mkdir {' '.join(made)}", f"echo threaded > {made[1]}/cgroup.type",
+                 f"echo threaded > {made[2]}/cgroup.type", f"echo {pid} > {made[0]}/cgroup.procs",
+                 f"echo {thread} > {made[2]}/cgroup.threads"]
+    else:
+        made = [f"{top}/t"]
+        steps = [f"mkdir {made[0]}", f"echo {thread} > {made[0]}/tasks"]
+    try:
+        testhost.run(["sh", "-ec", "; ".join(steps)])
+        m = exporter.scrape()
+        errors = m.get("systemd_memory_exporter_errors_total", reason="io", source="cgroup") or 0
+        exporter.next_sample()
+        exporter.next_sample()
+        m = exporter.scrape()
+        expected = proc_sums(testhost, top)  # the subtree's PIDs as a set, each process once
+        assert expected["processes"] == 1
+        check_rss_is_proc_sums(m, unit, expected)
+        assert m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= 20 * MiB
+        assert (m.get("systemd_memory_exporter_errors_total", reason="io", source="cgroup") or 0) == errors
+        assert m.value("systemd_memory_exporter_source_up", source="cgroup") == 1
+    finally:
+        testhost.run(["sh", "-c", f"echo {pid} > {top}/cgroup.procs"], check=False)
+        testhost.run(["rmdir", *reversed(made)], check=False)
+        workloads.stop_units(testhost, [unit])
+
 def test_serves_where_pidfd_open_is_refused(testhost):
     """A kernel before 5.3, or a seccomp profile, refuses pidfd_open: the discovery child is then
     a fresh interpreter and the exporter serves. The call used to come after the fork, unguarded,

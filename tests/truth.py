@@ -107,10 +107,14 @@ def proc_sums_script(cgroup_dir: str) -> str:
     """Python source that prints processes=N rss_anon=B rss_file=B rss_shmem=B for every
     process in ``cgroup_dir``'s subtree, straight from /proc (run it inside the host)."""
     return f"""
-import os
+import errno, os
 pids = set()
 for d, _, files in os.walk({cgroup_dir!r}):
-    pids.update(int(p) for p in open(os.path.join(d, "cgroup.procs")).read().split() if p != "0")
+    try:
+        pids.update(int(p) for p in open(os.path.join(d, "cgroup.procs")).read().split() if p != "0")
+    except OSError as e:  # a threaded cgroup (v2): its threaded domain lists its processes
+        if e.errno != errno.EOPNOTSUPP:
+            raise
 sums = dict(processes=0, rss_anon=0, rss_file=0, rss_shmem=0)
 for pid in pids:
     try:
