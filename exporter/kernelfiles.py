@@ -30,6 +30,9 @@ VANISHED = "vanished"
 PERMISSION = "permission"
 IO = "io"
 PARSE = "parse"
+# Not a failed read: a directory in a user's delegated tree skipped as a unit (exporter/systemd.py).
+# Counted and logged, but it leaves source_up alone: any user could otherwise hold it at 0.
+REJECTED = "rejected"
 
 # The errnos that mean "this cgroup or process went away while we read it": missing data,
 # not an error (below's collector treats cgroups the same way). ESRCH: a process gone

@@ -256,7 +256,8 @@ def health_families(snapshot: Snapshot) -> list[Family]:
             last.add(f'source="{source}"', health.last_success)
     errors = Family(
         SELF + "errors_total", "counter",
-        "Failed reads by source and reason (parse, permission, io, timeout, unavailable). Each kind is "
+        "Failed reads by source and reason (parse, permission, io, timeout, unavailable; rejected: a "
+        "directory in a user's delegated cgroup tree skipped as a unit, which leaves source_up as it is). Each kind is "
         "logged once every 10 minutes.",
     )
     for (source, reason), count in sorted(snapshot.errors.items()):

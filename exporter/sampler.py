@@ -19,7 +19,7 @@ from .cgroupfs import Layout, detect_layout
 from .cgroupreader import CgroupReader
 from .errorlog import CycleErrors, ErrorLog
 from .keptfiles import DEFAULT_KEPT_FILES, KeptFiles, default_limit
-from .kernelfiles import read_bytes
+from .kernelfiles import REJECTED, read_bytes
 from .procfs import ProcessTotals, ProcessWalker
 from .pss import DEFAULT_BUDGET, DEFAULT_MAX_RSS, PssCollector
 from .snapshot import Snapshot, SourceHealth, UnitSample
@@ -79,7 +79,10 @@ class Sampler:
 
         cycle = CycleErrors(self.errors)
         for reason, where, message in found.tree_failures:  # the user-unit walk's, in discovery
-            cycle.error("cgroup", reason, where, message)
+            if reason == REJECTED:  # a user's own directory names: counted, not a failed read
+                self.errors.error("cgroup", reason, where, message)
+            else:
+                cycle.error("cgroup", reason, where, message)
         layout = detect_layout(self.config.cgroupfs)
         reader = CgroupReader(layout, cycle, self.files.read_many)
         # Keyed by Unit.key: a user's dbus.service is not the system's.

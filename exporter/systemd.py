@@ -19,7 +19,7 @@ import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .kernelfiles import PARSE, VANISHED, describe, failure_reason
+from .kernelfiles import REJECTED, VANISHED, describe, failure_reason
 from .records import record
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ USER_MANAGER = re.compile(r"user@([0-9]+)\.service")
 # MAX_USER_UNITS per user manager, so one user cannot break rendering (a non-UTF-8 name),
 # mix two units' figures (the same name in two slices) or flood the series.
 UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,255}")
-MAX_USER_UNITS = 1000
+MAX_USER_UNITS = 1000  # reported, per user manager: what --unit.include/--unit.types keep
+MAX_USER_CGROUPS = 10 * MAX_USER_UNITS  # unit-named cgroups walked, wanted or not: bounds the walk
 
 
 def user_manager_uid(unit_name: str) -> int | None:
@@ -115,8 +116,9 @@ def user_units_in_tree(manager_cgroup: str, uid: int, subdirectories: Callable[[
     podman's, or the manager's own init.scope), never other units. A directory whose name has
     no unit suffix of a cgroup-owning type is not a unit and is skipped with its subtree.
     A directory with such a suffix that is no valid unit name, a second one of a name already
-    found, and those beyond MAX_USER_UNITS are skipped and appended to ``rejects`` as
-    (PARSE, path, message), which the sampler counts as errors_total{source="cgroup"}.
+    found, and those beyond MAX_USER_UNITS reported units (or MAX_USER_CGROUPS found) are
+    skipped and appended to ``rejects`` as (REJECTED, path, message), which the sampler counts
+    as errors_total{source="cgroup",reason="rejected"} without marking the source down.
     """
     units = []
     names = set()  # every name found, filtered out or not: the first directory keeps it
@@ -133,13 +135,14 @@ def user_units_in_tree(manager_cgroup: str, uid: int, subdirectories: Callable[[
                 problem = f"not a valid unit name: {ascii(name[:80])}"
             elif name in names:
                 problem = f"a second cgroup of unit {name!r}, skipped"
-            elif len(names) >= MAX_USER_UNITS:
-                problem = f"more than {MAX_USER_UNITS} units below {manager_cgroup!r}: the rest are skipped"
+            elif len(units) >= MAX_USER_UNITS or len(names) >= MAX_USER_CGROUPS:
+                problem = (f"more than {MAX_USER_UNITS} units (or {MAX_USER_CGROUPS} unit cgroups) below"
+                           f" {manager_cgroup!r}: the rest are skipped")
             if problem:
                 if rejects is not None:
                     # the parent as the place: ErrorLog logs once per kind and file name
-                    rejects.append((PARSE, parent, problem))
-                if len(names) >= MAX_USER_UNITS:
+                    rejects.append((REJECTED, parent, problem))
+                if len(units) >= MAX_USER_UNITS or len(names) >= MAX_USER_CGROUPS:
                     return units
                 continue
             names.add(name)

@@ -85,7 +85,7 @@ def test_names_a_user_could_mkdir_that_systemd_never_would_are_counted_not_units
     assert sorted(f[2].split(":")[0] for f in failures) == ["a second cgroup of unit 'x.service', skipped",
                                                              "not a valid unit name", "not a valid unit name",
                                                              "not a valid unit name"]
-    assert {f[0] for f in failures} == {"parse"}
+    assert {f[0] for f in failures} == {"rejected"}
     assert all(f[2].isascii() for f in failures)  # logged and sent to the sampler as repr
 
 
@@ -96,7 +96,43 @@ def test_units_beyond_the_cap_are_skipped_and_counted_once():
     failures: list = []
     units = user_units_in_tree(MANAGER, 1500, lambda cg: tree.get(cg, []), UnitFilter.build(), failures)
     assert len(units) == MAX_USER_UNITS and units[0].name == "app.slice"
-    assert len(failures) == 1 and failures[0][0] == "parse" and f"more than {MAX_USER_UNITS} units" in failures[0][2]
+    assert len(failures) == 1 and failures[0][0] == "rejected" and f"more than {MAX_USER_UNITS} units" in failures[0][2]
+
+
+def test_the_cap_counts_the_units_reported_not_those_filtered_out():
+    """A narrow --unit.include must not lose its units to a user's many others; the walk is
+    still bounded (MAX_USER_CGROUPS) when nearly everything is filtered out."""
+    from exporter.systemd import MAX_USER_CGROUPS, MAX_USER_UNITS
+
+    names = [f"s{i:05}.service" for i in range(MAX_USER_UNITS + 50)] + ["wanted.service"]
+    tree = {MANAGER: ["app.slice"], f"{MANAGER}/app.slice": names}
+    failures: list = []
+    units = user_units_in_tree(MANAGER, 1500, lambda cg: tree.get(cg, []), UnitFilter.build(include="wanted.service"), failures)
+    assert [u.name for u in units] == ["wanted.service"] and failures == []
+    flood = {MANAGER: ["app.slice"], f"{MANAGER}/app.slice": [f"s{i:06}.service" for i in range(MAX_USER_CGROUPS + 5)]}
+    units = user_units_in_tree(MANAGER, 1500, lambda cg: flood.get(cg, []), UnitFilter.build(include="wanted.service"), failures)
+    assert units == [] and len(failures) == 1 and failures[0][0] == "rejected"
+
+
+def test_rejected_names_are_counted_and_leave_the_cgroup_source_up(tmp_path):
+    """Any user can mkdir a name systemd would never give a unit in their delegated tree: it is
+    counted (reason rejected), but the cgroup source stays up, so SystemdMemoryExporterSourceDown
+    cannot be fired by a user's mkdir."""
+    from exporter.render import render
+    from exporter.sampler import Sampler, SamplerConfig
+    from exporter.systemd import DiscoveryResult, cgroup_subdirectories
+    from tests.test_sampler import FIXTURES, load_units
+    from tests.truth import Scrape
+
+    (tmp_path / "m" / "app.slice" / "a b.service").mkdir(parents=True)
+    failures: list = []
+    user_units_in_tree("/m", 1500, cgroup_subdirectories(str(tmp_path), failures), UnitFilter.build(), failures)
+    tree = FIXTURES / "v2"
+    found = DiscoveryResult(load_units(tree), True, "", 1.0, "system_bus", tree_failures=tuple(failures))
+    sampler = Sampler(SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup")), lambda: found)
+    m = Scrape.parse(render(sampler.sample()).decode())
+    assert m.value("systemd_memory_exporter_errors_total", source="cgroup", reason="rejected") == 1
+    assert m.value("systemd_memory_exporter_source_up", source="cgroup") == 1
 
 
 # --------------------------------------------------------------------------- a real user manager
