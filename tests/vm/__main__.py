@@ -34,7 +34,7 @@ def main():
     print(f"image {path} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
     if args.command == "capture":
         from .capture_fixture import capture as capture_tree
-        with Guest(path, image.find_kernel(), tempfile.mkdtemp(prefix="smx-vm-"),
+        with Guest(path, image.boot_kernel(args.suite, path), tempfile.mkdtemp(prefix="smx-vm-"),
                    layout=args.layout) as vm:
             captured = capture_tree(vm, args.out)
         print(f"captured {args.out} with {', '.join(captured.values())}; now run "
@@ -42,7 +42,7 @@ def main():
     if args.command == "run":
         # Kept after the run: its console.log is what to read when boot fails.
         workdir = tempfile.mkdtemp(prefix="smx-vm-")
-        with Guest(path, image.find_kernel(), workdir, layout=args.layout) as vm:
+        with Guest(path, image.boot_kernel(args.suite, path), workdir, layout=args.layout) as vm:
             print(f"booted in {vm.boot_seconds} s; console log {vm.console_log}",
                   file=sys.stderr)
             result = vm.run(["sh", "-c", args.script], timeout=args.timeout)

@@ -90,7 +90,8 @@ def guest_config(request):
 
 @pytest.fixture(scope="session")
 def kernel():
-    """The host's Debian kernel; fails (in CI) or skips when the harness can't run."""
+    """The host's Debian kernel; fails (in CI) or skips when the harness can't run. (A suite
+    with its own kernel boots that: image.boot_kernel.)"""
     missing = image.missing_prerequisites()
     if missing:
         message = (f"VM harness prerequisites missing: {', '.join(missing)}; run as root after "
@@ -120,7 +121,7 @@ def exporter_wheel(tmp_path_factory):
 def vm(vm_image, kernel, guest_config, exporter_wheel, tmp_path_factory):
     """One booted guest per (suite, layout), with the exporter pip-installed into its venv."""
     suite, layout = guest_config
-    guest = Guest(vm_image, kernel, tmp_path_factory.mktemp(f"vm-{suite}-{layout}"),
+    guest = Guest(vm_image, image.boot_kernel(suite, vm_image), tmp_path_factory.mktemp(f"vm-{suite}-{layout}"),
                   layout=layout, suite=image.SUITES[suite])
     with guest:
         TIMINGS[f"{suite}-{layout} boot"] = guest.boot_seconds

@@ -13,6 +13,7 @@ pip-installs the checkout's wheel into the image's venv (image.VENV).
 import base64
 import ctypes
 import json
+import re
 import shlex
 import signal
 import socket
@@ -319,6 +320,11 @@ class Guest:
     def unit_property(self, unit, name):
         return self.run(["systemctl", "show", "--value", f"--property={name}", unit],
                         check=True).stdout.strip()
+
+    def kernel_at_least(self, major, minor):
+        """The guest's kernel is major.minor or newer: which v2 files and keys it has (memory.peak
+        came in 5.19, memory.stat's "kernel" in 5.18; bullseye510 boots 5.10)."""
+        return tuple(int(n) for n in re.findall(r"\d+", self.kernel.version)[:2]) >= (major, minor)
 
     @property
     def memory_root(self):

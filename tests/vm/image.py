@@ -1,7 +1,9 @@
 """Build and cache a Debian guest image (bullseye, bookworm or trixie) for the guest tests.
 
 The image is a raw ext4 file made from a debootstrap tree plus the host's
-Debian kernel modules, the guest agent and a few config files, and a venv of
+Debian kernel modules (or, for a suite with its own kernel, that kernel installed in
+the tree, its vmlinuz and initrd copied out beside the image), the guest agent and a
+few config files, and a venv of
 the guest's own python3 at VENV holding the exporter's dependencies, pystemd
 compiled there against the guest's libsystemd (pip, offline, from wheels and
 sdists downloaded on the host; the exporter itself is pip-installed into it at
@@ -26,11 +28,20 @@ from packaging.requirements import Requirement
 
 @dataclass(frozen=True)
 class Suite:
-    name: str
+    name: str      # the guest's name: SMX_VM_GUESTS, test ids, the cache directory
     systemd: int   # major version it ships
     python: str    # its python3, "3.9"
     glibc: tuple   # for the manylinux tags its pip accepts
     layouts: tuple  # cgroup layouts its systemd boots
+    release: str = ""  # the Debian codename to debootstrap, when it is not the name
+    # (package, version) of the release's own kernel, installed in the tree and booted; the
+    # version is pinned so the cache key names it (build() checks the mirror still has it).
+    # Empty: boot the host's 6.1 kernel.
+    own_kernel: tuple = ()
+
+    @property
+    def codename(self):
+        return self.release or self.name
 
 
 SUITES = {s.name: s for s in (
@@ -38,6 +49,12 @@ SUITES = {s.name: s for s in (
     Suite("bookworm", 252, "3.11", (2, 36), ("legacy", "hybrid", "unified")),
     # systemd 256+ refuses cgroup v1 unless forced: trixie is v2 only.
     Suite("trixie", 257, "3.13", (2, 41), ("unified",)),
+    # bullseye booting its own 5.10 (Debian 11 and openEuler 22.03 run 5.10): cgroup v2 before
+    # 5.18 (no memory.stat "kernel") and 5.19 (no memory.peak). Not "bullseye-...": that prefix
+    # is bullseye's in the cache, whose stale entries build() deletes. bullseye is closed (11.11,
+    # the last point release), so the archive's package stays put.
+    Suite("bullseye510", 247, "3.9", (2, 31), ("legacy", "hybrid", "unified"), release="bullseye",
+          own_kernel=("linux-image-5.10.0-32-amd64", "5.10.223-1")),
 )}
 DEFAULT_SUITE = "bookworm"
 HOST_SUITE = "bookworm"  # the host's apt sources name it; the same archive serves the others
@@ -212,12 +229,19 @@ $venv/bin/pip list --format=freeze > $venv/smx-requirements.txt
 """
 
 
+def packages(suite):
+    return PACKAGES + ([suite.own_kernel[0]] if suite.own_kernel else [])
+
+
 def cache_key(kernel, suite=None):
     suite = suite or SUITES[DEFAULT_SUITE]
+    if suite.own_kernel:  # the host's kernel goes nowhere near the image
+        kernel_parts = ("=".join(suite.own_kernel), suite.codename)
+    else:
+        kernel_parts = (kernel.version, kernel.vmlinuz.read_bytes())
     h = hashlib.sha256()
-    for part in (suite.name, " ".join(PACKAGES), " ".join(guest_requirements(suite)), kernel.version,
-                 Path(__file__).read_bytes(), AGENT.read_bytes(),
-                 kernel.vmlinuz.read_bytes()):
+    for part in (suite.name, " ".join(packages(suite)), " ".join(guest_requirements(suite)), kernel_parts[0],
+                 Path(__file__).read_bytes(), AGENT.read_bytes(), kernel_parts[1]):
         h.update(part if isinstance(part, bytes) else part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -250,6 +274,7 @@ def _write(root, relpath, text, mode=0o644):
 
 
 def _customize(root, kernel):
+    """kernel: the host's, whose modules are copied in; None when the tree has its own."""
     _write(root, "etc/fstab", FSTAB)
     _write(root, "etc/hostname", "smx-guest\n")
     _write(root, "etc/modules-load.d/smx.conf", MODULES_LOAD)
@@ -261,16 +286,61 @@ def _customize(root, kernel):
     for unit in MASKED_UNITS:
         (root / "etc/systemd/system" / unit).symlink_to("/dev/null")
     (root / GUEST_PROJECT.lstrip("/")).mkdir()
-    # On a merged-/usr tree write below usr/ rather than through the root/lib symlink.
-    lib = "usr/lib" if (root / "lib").is_symlink() else "lib"
-    shutil.copytree(kernel.modules, root / lib / "modules" / kernel.version, symlinks=True)
+    if kernel is not None:
+        # On a merged-/usr tree write below usr/ rather than through the root/lib symlink.
+        lib = "usr/lib" if (root / "lib").is_symlink() else "lib"
+        shutil.copytree(kernel.modules, root / lib / "modules" / kernel.version, symlinks=True)
+
+
+# What the own kernel's initrd must hold to mount root=/dev/vda (ext4 on virtio-blk over PCI);
+# 9p and virtio_console load later, from the tree's /lib/modules (MODULES_LOAD).
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+TREE_MODULES = ("virtio_console", "9pnet_virtio", "9p")
+
+
+def _take_own_kernel(suite, root, dest, log):
+    """Check the tree's kernel is the pinned one and can boot the guest; copy its vmlinuz and
+    initrd to dest (beside the image). Returns its version (uname -r)."""
+    package, version = suite.own_kernel
+    installed = subprocess.run(["chroot", str(root), "dpkg-query", "-W", "-f=${Version}", package],
+                               capture_output=True, text=True).stdout
+    if installed != version:
+        raise BuildError(f"{suite.codename} installed {package} {installed!r}, not the pinned {version!r}: "
+                         f"update Suite({suite.name!r}).own_kernel")
+    release = package.removeprefix("linux-image-")
+    vmlinuz, initrd = root / f"boot/vmlinuz-{release}", root / f"boot/initrd.img-{release}"
+    if not initrd.exists():
+        raise BuildError(f"{package} left no {initrd} (initramfs-tools not run?); log {log}")
+    listed = subprocess.run(["chroot", str(root), "lsinitramfs", f"/boot/initrd.img-{release}"],
+                            capture_output=True, text=True, check=True).stdout
+    # lib/modules/... or usr/lib/modules/...: name.ko, possibly compressed
+    in_initrd = {Path(line).name.split(".ko")[0] for line in listed.splitlines() if ".ko" in line}
+    missing = [m for m in INITRD_MODULES if m not in in_initrd]
+    lib = root / ("usr/lib" if (root / "lib").is_symlink() else "lib") / "modules" / release
+    missing += [f"{m} in {lib}" for m in TREE_MODULES if not list(lib.rglob(f"{m}.ko*"))]
+    if missing:
+        raise BuildError(f"{package} cannot boot the guest: missing {missing}")
+    shutil.copy2(vmlinuz, dest / "vmlinuz")
+    shutil.copy2(initrd, dest / "initrd.img")
+    return release
+
+
+def boot_kernel(suite, image):
+    """The kernel a guest of suite boots: the host's, or the suite's own copied beside image."""
+    suite = SUITES[suite] if isinstance(suite, str) else suite
+    if not suite.own_kernel:
+        return find_kernel()
+    entry = Path(image).parent
+    version = json.loads((entry / "meta.json").read_text())["kernel"]
+    # modules: None, they are in the image
+    return Kernel(version, entry / "vmlinuz", entry / "initrd.img", None)
 
 
 def build(suite=DEFAULT_SUITE, cache_dir=CACHE_DIR, log=print):
     """Return the path of a cached image of suite for the current inputs, building it if needed."""
     suite = SUITES[suite]
     kernel = find_kernel()
-    if kernel is None:
+    if kernel is None and not suite.own_kernel:
         raise BuildError("no Debian 6.1 kernel in /boot (apt-get install linux-image-amd64)")
     key = cache_key(kernel, suite)
     entry = cache_dir / f"{suite.name}-{key}"
@@ -290,14 +360,14 @@ def build(suite=DEFAULT_SUITE, cache_dir=CACHE_DIR, log=print):
         root = work / "root"
         timings = {}
         mirror = apt_mirror()
-        log(f"vm image: debootstrap {suite.name} from {mirror} into {root}")
+        log(f"vm image: debootstrap {suite.codename} from {mirror} into {root}")
         start = time.monotonic()
         try:
             # A private mount namespace drops debootstrap's proc/sys mounts
             # even if it dies half way.
             _run(["unshare", "--mount", "--propagation", "private",
-                  "debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-                  suite.name, str(root), mirror], work / "build.log")
+                  "debootstrap", "--variant=minbase", "--include=" + ",".join(packages(suite)),
+                  suite.codename, str(root), mirror], work / "build.log")
         finally:
             if mounts_below(root):
                 raise BuildError(f"mounts left below {root}: {mounts_below(root)}")
@@ -318,15 +388,20 @@ def build(suite=DEFAULT_SUITE, cache_dir=CACHE_DIR, log=print):
         installed = (root / VENV.lstrip("/") / "smx-requirements.txt").read_text().split()
         timings["venv_s"] = round(time.monotonic() - start, 1)
         start = time.monotonic()
-        _customize(root, kernel)
+        if suite.own_kernel:
+            booted = _take_own_kernel(suite, root, work, work / "build.log")
+            _customize(root, None)
+        else:
+            booted = kernel.version
+            _customize(root, kernel)
         _run(["mkfs.ext4", "-q", "-F", "-L", "smx-root", "-d", str(root),
               str(work / "rootfs.img"), IMAGE_SIZE], work / "build.log")
         shutil.rmtree(root)
         timings["customize_mkfs_s"] = round(time.monotonic() - start, 1)
-        meta = {"key": key, "suite": suite.name, "packages": PACKAGES, "mirror": mirror,
-                "venv": VENV, "requirements": guest_requirements(suite), "installed": installed,
-                "kernel": kernel.version, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                **timings}
+        meta = {"key": key, "suite": suite.name, "release": suite.codename, "packages": packages(suite),
+                "mirror": mirror, "venv": VENV, "requirements": guest_requirements(suite),
+                "installed": installed, "kernel": booted, "kernel_package": "=".join(suite.own_kernel),
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S"), **timings}
         (work / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         work.rename(entry)
         for stale in cache_dir.iterdir():  # one image per suite: each is ~1 GiB

@@ -86,9 +86,29 @@ def test_layouts_boot_with_their_kernel_arguments(tmp_path):
 def test_cache_key_follows_inputs(kernel, monkeypatch):
     key = image.cache_key(kernel)
     assert image.cache_key(kernel) == key
-    assert len({image.cache_key(kernel, suite) for suite in image.SUITES.values()}) == 3
+    assert len({image.cache_key(kernel, suite) for suite in image.SUITES.values()}) == len(image.SUITES)
+    own = image.SUITES["bullseye510"]
+    own_key = image.cache_key(kernel, own)
     monkeypatch.setattr(image, "PACKAGES", image.PACKAGES + ["curl"])
     assert image.cache_key(kernel) != key
+    assert image.cache_key(kernel, own) != own_key
+
+
+def test_own_kernel_suite_keys_on_its_kernel_package_not_the_hosts(tmp_path):
+    """bullseye510's image holds bullseye's 5.10, whatever the host boots; a new pin rebuilds it."""
+    import dataclasses
+    own = image.SUITES["bullseye510"]
+    assert own.codename == "bullseye" and own.own_kernel[0].startswith("linux-image-5.10.")
+    assert image.packages(own) == image.PACKAGES + [own.own_kernel[0]]
+    assert image.packages(image.SUITES["bullseye"]) == image.PACKAGES
+    hosts = [image.Kernel(v, tmp_path / v, tmp_path, tmp_path) for v in ("6.1.0-1-amd64", "6.1.0-2-amd64")]
+    for k, data in zip(hosts, (b"one", b"two")):
+        k.vmlinuz.write_bytes(data)
+    assert len({image.cache_key(k, own) for k in hosts}) == 1
+    repinned = dataclasses.replace(own, own_kernel=(own.own_kernel[0], "5.10.999-1"))
+    assert image.cache_key(hosts[0], repinned) != image.cache_key(hosts[0], own)
+    # its cache entries are apart from bullseye's, whose stale ones build() deletes by prefix
+    assert not own.name.startswith("bullseye-")
 
 
 @pytest.mark.e2e
