@@ -137,6 +137,27 @@ class ProcessTotals:
         return self.rss_anon + self.rss_file + self.rss_shmem
 
 
+def in_own_pid_namespace(procfs: str) -> bool:
+    """Whether ``procfs`` is a procfs of our own PID namespace: only there does a PID from
+    cgroup.procs name the process kill(2) reaches, so only there can hidden_by_hidepid tell."""
+    try:
+        return os.readlink(os.path.join(procfs, "self")) == str(os.getpid())
+    except OSError:
+        return False
+
+
+def hidden_by_hidepid(pid: int) -> bool:
+    """A PID listed in cgroup.procs with no /proc entry: hidden from us, or gone?
+    hidepid=invisible makes another user's /proc/PID look like a process that exited."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # alive, and not ours: hidepid hid it
+    except OSError:
+        return False
+    return False  # ours, so not hidden: it exited between the listing and the read
+
+
 class ProcessWalker:
     """Sums /proc/PID/status over cgroup subtrees: every cgroup.procs and status read once.
 
@@ -167,24 +188,10 @@ class ProcessWalker:
         # is listed twice, and on v1 a process whose threads sit in two cgroups is listed in
         # both for good: counted once, in the first, their common slice does not sum it twice.
         self._counted: set[int] = set()
-        # hidepid=invisible makes another user's /proc/PID look like a process that exited.
-        # kill(pid, 0) tells them apart, but only for a procfs of our own PID namespace.
-        try:
-            self._own_pid_namespace = os.readlink(os.path.join(procfs, "self")) == str(os.getpid())
-        except OSError:
-            self._own_pid_namespace = False
+        self._own_pid_namespace = in_own_pid_namespace(procfs)
 
     def _hidden(self, pid: int) -> bool:
-        """A PID listed in cgroup.procs with no /proc entry: hidden from us, or gone?"""
-        if not self._own_pid_namespace:
-            return False
-        try:
-            os.kill(pid, 0)
-        except PermissionError:
-            return True  # alive, and not ours: hidepid hid it
-        except OSError:
-            return False
-        return False  # ours, so not hidden: it exited between the listing and the read
+        return self._own_pid_namespace and hidden_by_hidepid(pid)
 
     def totals(self, cgroups: Iterable[str]) -> dict[str, ProcessTotals]:
         """cgroup path -> totals of its subtree, for every cgroup at or below ``cgroups``."""

@@ -21,6 +21,7 @@ cycle: a partial sum would pass for a real, smaller figure ("absent, not 0").
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import Counter
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field
 
 from .cgroupfs import cgroup_path, child_cgroups, parse_procs_bytes
 from .errorlog import ErrorLog
-from .kernelfiles import VANISHED, ParseError, describe, failure_reason, parse_uint, read_bytes
+from .kernelfiles import PERMISSION, VANISHED, ParseError, describe, failure_reason, parse_uint, read_bytes
+from .procfs import hidden_by_hidepid, in_own_pid_namespace
 from .records import record
 from .systemd import Unit
 
@@ -119,6 +121,7 @@ class PssCollector:
         self.skipped_total: Counter = Counter()
         self.deferred_units_total = 0
         self._resume_at: tuple[int, str] | None = None  # order key of the first unit next cycle
+        self._own_pid_namespace = in_own_pid_namespace(procfs)
         self._statm = os.fsencode(procfs) + b"/%d/statm"
         self._rollup = os.fsencode(procfs) + b"/%d/smaps_rollup"
 
@@ -187,9 +190,13 @@ class PssCollector:
             rollup = parse_smaps_rollup(read_bytes(self._rollup % pid).decode("ascii", errors="replace"))
         except (OSError, ParseError) as e:
             reason = failure_reason(e)
-            # Gone since the listing, or a kernel thread (ESRCH: no address space to walk).
-            if reason == VANISHED:
+            # Gone since the listing, or a kernel thread (ESRCH: no address space to walk); but
+            # hidepid=invisible hides a live process the same way, and a 0 for it would
+            # understate the unit's PSS.
+            if reason == VANISHED and not (self._own_pid_namespace and hidden_by_hidepid(pid)):
                 return NO_MAPPINGS
+            if reason == VANISHED:
+                reason, e = PERMISSION, PermissionError(errno.EACCES, "hidden by hidepid")
             self.errors.warn("pss", reason, f"{self.procfs}/PID/smaps_rollup", describe(e))
             result.skipped["error"] += 1
             return _SKIPPED

@@ -27,7 +27,8 @@ def test_hidden_processes_are_counted_not_lost(testhost, hidepid):
     port = free_port()
     proc = testhost.popen(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", testhost.python, "-m", "exporter",
-         f"--web.listen-address=127.0.0.1:{port}", "--sample.interval=1", f"--path.procfs={mount_point}"],
+         f"--web.listen-address=127.0.0.1:{port}", "--sample.interval=1", f"--path.procfs={mount_point}",
+         "--collector.pss"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     client = ExporterClient(f"http://127.0.0.1:{port}/metrics", 1.0)
@@ -47,3 +48,7 @@ def test_hidden_processes_are_counted_not_lost(testhost, hidepid):
     # The cgroup view is untouched: the hog's usage is there although its process is hidden.
     assert m.value("systemd_unit_memory_bytes", unit=hog, type="cgroup_usage") >= 25 << 20
     assert m.value("systemd_memory_exporter_source_up", source="dbus") == 1
+    # PSS: the hidden process is skipped, so the unit has no PSS rather than one without it
+    # (under invisible its smaps_rollup looked like an exited process's, summed as 0).
+    assert m.get("systemd_unit_memory_bytes", unit=hog, type="pss") is None
+    assert m.value("systemd_memory_exporter_pss_skipped_processes_total", reason="error") > 0
