@@ -54,8 +54,10 @@ def test_unified_hierarchy_with_memory_controller(vm):
     for parent in ("/sys/fs/cgroup", "/sys/fs/cgroup/system.slice"):
         assert "memory" in vm.read_text(f"{parent}/cgroup.subtree_control").split()
     for name in ("memory.current", "memory.stat", "memory.events", "memory.pressure",
-                 "memory.swap.current", "memory.peak", "memory.max"):
+                 "memory.swap.current", "memory.max"):
         assert vm.exists(f"/sys/fs/cgroup/system.slice/{name}"), name
+    # memory.peak came in 5.19: bullseye510's 5.10 has none, the 6.1 guests have it.
+    assert vm.exists("/sys/fs/cgroup/system.slice/memory.peak") == vm.kernel_at_least(5, 19)
 
 
 @pytest.mark.layouts("legacy")
@@ -150,7 +152,8 @@ def test_oom_kill_is_counted(vm, unit):
         return events if events["oom_kill"] else None
     events = wait_until(oom_killed, 60, what="an oom_kill")
     assert events["oom_kill"] == 1 and events["oom"] >= 1 and events["max"] >= 1
-    assert set(events) >= {"low", "high", "max", "oom", "oom_kill", "oom_group_kill"}
+    assert set(events) >= {"low", "high", "max", "oom", "oom_kill"}
+    assert ("oom_group_kill" in events) == vm.kernel_at_least(5, 17)  # 5.10 has none
     assert vm.unit_property(name, "ActiveState") == "active"
 
 

@@ -41,7 +41,7 @@ from tests.truth import (
 from . import workloads
 from .guest import EXPORTER, VENV_PYTHON, wait_until
 from .relay import scrape_relay
-from .image import GUEST_PROJECT
+from .image import GUEST_PROJECT, SUITES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm]
 
@@ -432,7 +432,9 @@ def test_oom_kill_is_counted(vm, exporter, units):
     def events_of(p, name):
         if v2(vm):
             events = keyed(p.file(name, "memory.events"))
-            assert set(events) == set(memfiles.V2_EVENTS), events
+            # oom_group_kill came in 5.17: bullseye510's 5.10 prints the other five
+            lacking = set() if vm.kernel_at_least(5, 17) else {"oom_group_kill"}
+            assert set(events) == set(memfiles.V2_EVENTS) - lacking, events
             return events
         return {"oom_kill": keyed(p.file(name, "memory.oom_control"))["oom_kill"],
                 "max": int(p.file(name, "memory.failcnt"))}
@@ -519,8 +521,14 @@ def test_limits_are_exact_and_absent_when_unlimited(exporter, units):
 
 
 def test_peak_is_memory_peak(vm, exporter, units):
-    """v2: memory.peak; v1: memory.max_usage_in_bytes."""
+    """v2: memory.peak (5.19+); v1: memory.max_usage_in_bytes. Before 5.19 v2 keeps no peak:
+    no unit has a peak series, not a 0."""
     peak_file = "memory.peak" if v2(vm) else "memory.max_usage_in_bytes"
+    if v2(vm) and not vm.kernel_at_least(5, 19):
+        p = exporter.probe(units="all", files=(peak_file,))
+        assert [name for name in p.units if p.file(name, peak_file) is not None] == []
+        assert not [s for s in p.scrape.samples if s.name == "systemd_unit_memory_peak_bytes"]
+        return
 
     def compare(p, name):
         peak = p.scrape.value("systemd_unit_memory_peak_bytes", unit=name)
@@ -560,6 +568,11 @@ def _fixture_dir(group: str) -> Path:
 
 
 READ_FILES = (*memfiles.V2_FILES, memfiles.PRESSURE_FILE)
+# The v2 fixture is a capture of a 6.1 guest (its SOURCE.md), compared with the guests that boot
+# 6.1 (deselected elsewhere, not skipped). bullseye510's 5.10 lacks what came later: memory.peak,
+# memory.stat's kernel, pagetables, vmalloc, swapcached, zswap..., the misc controller, /proc/PID/
+# status's SpeculationIndirectBranch (tests/vm/NOTES.md).
+ON_THE_FIXTURES_KERNEL = pytest.mark.suites(*(s.name for s in SUITES.values() if not s.own_kernel))
 
 
 @pytest.mark.layouts("unified")
@@ -659,6 +672,7 @@ def test_every_dashboard_query_returns_data_in_a_real_prometheus(vm, exporter, u
 
 
 @pytest.mark.layouts("unified")
+@ON_THE_FIXTURES_KERNEL
 def test_fixture_has_the_files_the_guest_has(vm, exporter, units):
     """tests/fixtures/v2 against the live guest, for each kind of cgroup the fixture holds (the
     root, a slice, a service, a scope): the exporter's files are in the fixture exactly when
@@ -683,6 +697,7 @@ def test_fixture_has_the_files_the_guest_has(vm, exporter, units):
 
 
 @pytest.mark.layouts("unified")
+@ON_THE_FIXTURES_KERNEL
 def test_fixture_status_files_have_the_guests_fields(vm):
     fields = [line.split(":", 1)[0] for line in vm.read_text("/proc/1/status").splitlines()]
     captured = (FIXTURE / "proc/1/status").read_text()
