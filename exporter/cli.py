@@ -27,21 +27,30 @@ DEFAULT_LISTEN = ":10073"
 DEFAULTS = SamplerConfig()
 
 
-def _interval(text: str) -> float:
+# Longer than any useful interval or timeout, and far inside threading.TIMEOUT_MAX (~292
+# years): 1e10 s passed the check and then made the sampler's Event.wait raise OverflowError,
+# ending the sample loop after its first cycle.
+MAX_SECONDS = 86400.0
+
+
+def _seconds(text: str, least: str) -> float:
     try:
         value = float(text.removesuffix("s"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds: {text!r}")
+    if value != value or value < 0 or (least == "> 0" and value == 0):
+        raise argparse.ArgumentTypeError(f"must be {least} seconds: {text!r}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SECONDS:.0f} seconds (a day): {text!r}")
     return value
+
+
+def _interval(text: str) -> float:
+    return _seconds(text, ">= 0")
 
 
 def _positive(text: str) -> float:
-    value = _interval(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0 seconds")
-    return value
+    return _seconds(text, "> 0")
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,

@@ -41,6 +41,9 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         (["--web.listen-address=:99999"], "invalid listen address"),
         (["--web.telemetry-path=metrics"], "--web.telemetry-path must start with /"),
         (["--dbus.timeout=0"], "must be > 0"),
+        (["--dbus.timeout=-3"], "must be > 0"),
+        (["--sample.interval=1e10"], "must be at most 86400 seconds"),  # past threading.TIMEOUT_MAX
+        (["--collector.pss.budget=nan"], "must be > 0"),
         (["--no-such-flag"], "unrecognized arguments"),
         (["explain", "--top=0"], "--top must be at least 1"),
         (["--collector.pss.max-rss=" + "9" * 400], "too large a size"),  # float() gives inf
