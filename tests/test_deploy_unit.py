@@ -238,3 +238,20 @@ def test_unit_runs_sandboxed_and_reports(testhost, workload, installed_unit):
         metrics = _scrape(port)
     assert reported_usage == pytest.approx(usage, rel=0.05)
     assert _value(metrics, "systemd_unit_processes", unit=unit) == 1
+
+
+@pytest.mark.e2e
+def test_a_bad_flag_fails_the_unit_at_once_instead_of_restarting(testhost, installed_unit):
+    """Exit status 2 (a bad flag in ARGS) is not restarted: the unit is "failed" after one
+    start, where systemctl --failed shows it, instead of restarting every 5 s for ever."""
+    host = testhost
+    host.write_file("/etc/default/systemd-memory-exporter", 'ARGS="--no-such-flag"\n')
+    host.systemctl("restart", UNIT, check=False)
+
+    def failed():
+        shown = host.run(["systemctl", "show", "-p", "ActiveState,NRestarts,ExecMainStatus", UNIT]).stdout
+        props = dict(line.split("=", 1) for line in shown.split())
+        return props if props["ActiveState"] == "failed" else None
+
+    props = _wait_for(failed, 30, f"{UNIT} to fail", host)
+    assert props["ExecMainStatus"] == "2" and props["NRestarts"] == "0", props
