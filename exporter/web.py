@@ -4,6 +4,7 @@ metrics. A thin shell: everything it shows comes from the snapshot.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -168,6 +169,12 @@ class ExporterServer(ThreadingHTTPServer):
         self.web_config = web_config
         self._stopping = threading.Event()
         super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            # "::" takes IPv4 too (mapped), whatever net.ipv6.bindv6only says, as Go's does.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
     def shutdown(self) -> None:
         self._stopping.set()  # first: the accept loop may be waiting for a slot (process_request)
@@ -367,14 +374,23 @@ def serve(
     loop: SampleLoop, listen: str, telemetry_path: str, web_config: WebConfig | None = None, grafana_url: str = ""
 ) -> ExporterServer:
     host, port = parse_listen_address(listen)
+    if not host and socket.has_ipv6:
+        # ":port" is every address, IPv6 too, as node_exporter's (Go's) listener is: one
+        # dual-stack socket. A host without IPv6 (ipv6.disable=1) refuses it: IPv4 alone then.
+        try:
+            return ExporterServer(("::", port), loop, telemetry_path, socket.AF_INET6, web_config, grafana_url)
+        except OSError as e:
+            if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return ExporterServer((host, port), loop, telemetry_path, family, web_config, grafana_url)
+    return ExporterServer((host or "0.0.0.0", port), loop, telemetry_path, family, web_config, grafana_url)
 
 
 def parse_listen_address(listen: str) -> tuple[str, int]:
-    """node_exporter's form: "host:port", "[v6]:port" or ":port" (all interfaces)."""
+    """node_exporter's form: "host:port", "[v6]:port" or ":port": host "", every address, which
+    serve() listens on as "::" dual-stack where the host has IPv6, else as 0.0.0.0."""
     host, sep, port = listen.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # "²".isdigit() too
         raise ValueError(f"invalid listen address {listen!r}: want host:port, [ipv6]:port or :port")
     host = host.strip("[]")
-    return host or "0.0.0.0", int(port)
+    return host, int(port)

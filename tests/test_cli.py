@@ -195,3 +195,29 @@ def test_a_regex_the_flag_accepts_is_one_discovery_can_use():
     args = build_parsers()[0].parse_args(["--unit.include=(?i)FOO.*", "--unit.exclude=(?i).*\\.SOCKET"])
     f = UnitFilter.build(args.include, args.exclude)
     assert f.wants("foo.service") and not f.wants("foo.socket") and not f.wants("bar.service")
+
+
+def test_a_listen_address_of_port_alone_takes_ipv4_and_ipv6():
+    """":PORT" (the default, :10073) is every address, as node_exporter's: one dual-stack
+    socket, so Prometheus can scrape over IPv6 too. It used to listen on 0.0.0.0 only."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", f"--web.listen-address=:{port}", "--sample.interval=0.5",
+         "--systemd.private-socket=/nonexistent/private", "--dbus.timeout=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **NO_SYSTEMD},
+    )
+    try:
+        for url in (f"http://127.0.0.1:{port}/metrics", f"http://[::1]:{port}/metrics"):
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    body = urllib.request.urlopen(url, timeout=5).read()
+                    break
+                except OSError as e:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        pytest.fail(f"{url}: {e}")
+                    time.sleep(0.1)
+            assert b"systemd_memory_exporter_build_info" in body, url
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)

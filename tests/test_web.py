@@ -19,7 +19,7 @@ from exporter.web import gzip_accepted, parse_listen_address, send_parts
 @pytest.mark.parametrize(
     "listen, address",
     [
-        (":10073", ("0.0.0.0", 10073)),
+        (":10073", ("", 10073)),  # every address: serve() listens dual-stack
         ("127.0.0.1:9", ("127.0.0.1", 9)),
         ("[::1]:65535", ("::1", 65535)),
         ("[::]:1", ("::", 1)),
