@@ -245,8 +245,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     serve_parser, explain_parser = build_parsers()
     if argv[:1] == ["explain"]:
-        return run_explain(explain_parser.parse_args(argv[1:]), explain_parser)
+        return run_explain(parse_explain(explain_parser, argv[1:]), explain_parser)
     return run_server(serve_parser.parse_args(argv), serve_parser)
+
+
+# The root slice and the root mount are the only unit names that start with "-", which
+# argparse takes for an option: `explain -.slice` said "unrecognized arguments".
+ROOT_UNIT = re.compile(r"-\.(slice|mount)")
+
+
+def parse_explain(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args, extras = parser.parse_known_args(argv)
+    unknown = [token for token in extras if not ROOT_UNIT.fullmatch(token)]
+    if unknown:
+        parser.error("unrecognized arguments: " + " ".join(unknown))
+    if extras:  # in the order they were given
+        named = set(args.units) | set(extras)
+        args.units = list(dict.fromkeys(token for token in argv if token in named))
+    return args
 
 
 def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

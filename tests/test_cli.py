@@ -65,6 +65,19 @@ def test_help_lists_every_flag():
         assert flag in out
 
 
+def test_explain_takes_the_root_slice_and_mount_by_name():
+    """-.slice (the host's root cgroup) and -.mount start with "-": argparse took them for
+    options and exited 2 with "unrecognized arguments"."""
+    from exporter.cli import build_parsers, parse_explain
+
+    parser = build_parsers()[1]
+    assert parse_explain(parser, ["a.service", "-.slice", "--top", "3", "-.mount"]).units == ["a.service", "-.slice", "-.mount"]
+    result = run_cli("explain", "-.slice", "--systemd.private-socket=/nonexistent/private")
+    assert result.returncode == 1 and "cannot reach systemd" in result.stderr, result.stderr
+    bad = run_cli("explain", "-.slice", "--no-such-flag")
+    assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
+
+
 def test_explain_without_systemd_fails_clearly():
     result = run_cli("explain", "--systemd.private-socket=/nonexistent/private")
     assert result.returncode == 1
