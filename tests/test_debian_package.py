@@ -108,6 +108,9 @@ def test_package_depends_on_debian_python_modules_and_ships_the_layout(deb):
     control = _control(deb)
     depends = {d.strip().split()[0] for d in control["Depends"].split(",")}
     assert {"python3-pystemd", "python3-prometheus-client"} <= depends, control["Depends"]
+    # pyproject's lower bounds, which dh_python3 leaves out: bullseye's pystemd 0.7 must not satisfy it.
+    versioned = {d.strip() for d in control["Depends"].split(",")}
+    assert {"python3-pystemd (>= 0.11)", "python3-prometheus-client (>= 0.16)", "python3 (>= 3.9)"} <= versioned, control["Depends"]
     assert not {"python3-psutil", "python3-yaml", "python3-bcrypt"} & depends, control["Depends"]
     assert {"python3-yaml", "python3-bcrypt"} <= {d.strip() for d in control["Recommends"].split(",")}
     assert control["Architecture"] == "all"
