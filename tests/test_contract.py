@@ -40,7 +40,22 @@ def rendered() -> dict[str, set[str]]:
             labels = families.setdefault(name, set())
             for sample in family.samples:
                 labels.update(sample.labels)
-    return families | PER_SCRAPE
+    return families | PER_SCRAPE | web_config_families()
+
+
+def web_config_families() -> dict[str, set[str]]:
+    """What a --web.config.file adds to each scrape: its reload collector's families (an empty
+    config file: neither TLS nor users, which the exporter accepts)."""
+    import tempfile
+
+    from exporter.webconfig import WebConfigFile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as empty:
+        empty.write("{}\n")
+        empty.flush()
+        reloads = WebConfigFile(empty.name)
+    return {family.name + ("_total" if family.type == "counter" else ""): {label for s in family.samples for label in s.labels}
+            for family in reloads.collect()}
 
 
 def test_readme_names_exactly_what_is_rendered():
