@@ -43,7 +43,7 @@ def rpm(tmp_path_factory) -> Path:
     sources.mkdir()
     version = _version()
     with tarfile.open(sources / f"{NAME}-{version}.tar.gz", "w:gz") as tar:
-        for name in ("pyproject.toml", "README.md", "exporter", "grafana", "deploy", "packaging"):
+        for name in ("pyproject.toml", "README.md", "LICENSE", "exporter", "grafana", "deploy", "packaging"):
             tar.add(ROOT / name, f"{NAME}-{version}/{name}", filter=lambda t: None if "__pycache__" in t.name else t)
     shutil.copy(ROOT / f"deploy/systemd/{NAME}.sysusers", sources)
     build = subprocess.run(
@@ -83,12 +83,12 @@ def test_rpm_has_the_layout_and_scriptlets_of_the_debian_package(rpm):
     files = set(_query(rpm, "--list").split())
     for path in (f"/usr/lib/systemd/system/{NAME}.service", f"/usr/lib/sysusers.d/{NAME}.conf", f"/etc/default/{NAME}",
                  "/usr/bin/systemd-memory-exporter", f"/usr/share/{NAME}/prometheus/alerting-rules.yml",
-                 f"/usr/share/{NAME}/grafana/dashboards/systemd-memory-overview.json"):
+                 f"/usr/share/{NAME}/grafana/dashboards/systemd-memory-overview.json", f"/usr/share/licenses/{NAME}/LICENSE"):
         assert path in files, path
     assert not [f for f in files if f.startswith(("/opt", "/usr/local", f"/usr/share/{NAME}/systemd"))]
     assert f"/etc/default/{NAME}" in _query(rpm, "--configfiles").split()
     requires = _query(rpm, "--requires")
-    assert "python3-pystemd" in requires and "python3-prometheus_client" in requires
+    assert "python3-pystemd >= 0.11" in requires and "python3-prometheus_client >= 0.16" in requires
     assert "pyyaml" not in requires and "psutil" not in requires
     recommends = _query(rpm, "--recommends")
     assert "python3-pyyaml" in recommends and "python3-bcrypt" in recommends
