@@ -9,6 +9,7 @@ import json
 import textwrap
 from collections.abc import Mapping, Sequence
 
+from .memory import CgroupMemory
 from .records import record
 from .snapshot import Breakdown, Snapshot, UnitSample
 from .systemd import unit_key
@@ -58,7 +59,7 @@ KERNEL_SUMMED = "summed from memory.stat's kernel parts: this kernel (before 5.1
 NEGATIVE_REMAINDER = "below zero: v1's usage_in_bytes lags memory.stat (per-CPU charge batching)"
 
 
-def _why(key: str, why: str, value: int | None, memory) -> str:
+def _why(key: str, why: str, value: int | None, memory: CgroupMemory) -> str:
     if key == "kernel" and memory.kernel_summed:
         return KERNEL_SUMMED
     if key == "remainder" and value is not None and value < 0:
