@@ -13,6 +13,7 @@ Semantics (Documentation/admin-guide/cgroup-v1/memory.rst, cgroup-v2.rst):
 
 from __future__ import annotations
 
+import errno
 import operator
 import os
 import re
@@ -170,6 +171,19 @@ def parse_procs_bytes(data: bytes) -> list[int]:
     if tokens and not b"".join(tokens).isdigit():
         return parse_procs(data.decode("ascii", errors="replace"))
     return list(map(int, tokens))
+
+
+def read_procs(read: Callable[[str], bytes], directory: str) -> list[int]:
+    """The PIDs in a cgroup directory's cgroup.procs, read with ``read``. A threaded cgroup (v2;
+    libvirt makes a VM's emulator, vcpuN and iothreadN so) refuses the read with EOPNOTSUPP: it
+    has no processes of its own, its threaded domain lists them all (cgroup_procs_start in
+    kernel/cgroup/cgroup.c)."""
+    try:
+        return parse_procs_bytes(read(directory + "/cgroup.procs"))
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        return []
 
 
 class MemoryVersion(Enum):

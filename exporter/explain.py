@@ -123,7 +123,11 @@ def reconcile(sample: UnitSample) -> Reconciliation:
     events: Mapping[str, int] = {}
     pressure = None
     if memory is not None:
-        parts = tuple(Part(key, label, getattr(b, key), _why(key, why, getattr(b, key), memory)) for key, label, why in PARTS)
+        shown = []
+        for key, label, why in PARTS:
+            value = getattr(b, key)
+            shown.append(Part(key, label, value, _why(key, why, value, memory)))
+        parts = tuple(shown)
         limits, events, pressure = memory.limits, memory.events, memory.pressure
     return Reconciliation(
         unit=unit.name,

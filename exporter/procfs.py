@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 
-from .cgroupfs import cgroup_path, child_cgroups, minimal_roots, parse_procs_bytes
+from .cgroupfs import cgroup_path, child_cgroups, minimal_roots, read_procs
 from .errorlog import CycleErrors
 from .kernelfiles import VANISHED, ParseError, parse_uint, read_bytes, read_many
 from .records import record
@@ -233,15 +233,7 @@ class ProcessWalker:
         self._pause()
         directory = cgroup_path(self.procs_root, cgroup)
         try:
-            try:
-                pids = parse_procs_bytes(self._read(directory + "/cgroup.procs"))
-            except OSError as e:
-                # A threaded cgroup (v2; libvirt makes a VM's emulator, vcpuN and iothreadN so)
-                # refuses cgroup.procs: its processes are all listed by its threaded domain,
-                # which was walked first (cgroup_procs_start in kernel/cgroup/cgroup.c).
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-                pids = []
+            pids = read_procs(self._read, directory)  # a threaded cgroup's domain, walked first, lists its own
             children = child_cgroups(directory)
         except (OSError, ParseError) as e:
             # A parse error names the file; an OSError may come from the listing too.

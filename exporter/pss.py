@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .cgroupfs import cgroup_path, child_cgroups, parse_procs_bytes
+from .cgroupfs import cgroup_path, child_cgroups, read_procs
 from .errorlog import ErrorLog
 from .kernelfiles import PERMISSION, VANISHED, ParseError, describe, failure_reason, parse_uint, read_bytes
 from .procfs import hidden_by_hidepid, in_own_pid_namespace
@@ -240,6 +240,6 @@ def _listing(root: str, cgroup: str) -> tuple[list[int], list[str]] | None:
     cannot be read (the process walker counts and logs that same cgroup.procs in errors_total)."""
     directory = cgroup_path(root, cgroup)
     try:
-        return parse_procs_bytes(read_bytes(directory + "/cgroup.procs")), child_cgroups(directory)
+        return read_procs(read_bytes, directory), child_cgroups(directory)
     except (OSError, ParseError) as e:
         return _VANISHED_LISTING if failure_reason(e) == VANISHED else _UNREADABLE
