@@ -25,6 +25,11 @@ def readme_contract() -> dict[str, set[str]]:
     return {name: {label.strip() for label in labels.split(",") if label.strip()} for name, labels in rows}
 
 
+def exposed_name(family) -> str:
+    """client_python names a counter family without _total; the exposition and README with."""
+    return family.name + ("_total" if family.type == "counter" else "")
+
+
 def rendered() -> dict[str, set[str]]:
     families = {}
     for tree in ("hybrid", "v2"):
@@ -36,7 +41,7 @@ def rendered() -> dict[str, set[str]]:
         user_unit = dataclasses.replace(first, unit=dataclasses.replace(first.unit, uid=1500))
         with_pss = dataclasses.replace(with_pss, units=with_pss.units + (user_unit,))
         for family in text_string_to_metric_families(render(with_pss, EVERY_SERIES).decode()):
-            name = family.name + ("_total" if family.type == "counter" else "")
+            name = exposed_name(family)
             labels = families.setdefault(name, set())
             for sample in family.samples:
                 labels.update(sample.labels)
@@ -54,7 +59,7 @@ def web_config_families() -> dict[str, set[str]]:
         empty.write("{}\n")
         empty.flush()
         reloads = WebConfigFile(empty.name)
-    return {family.name + ("_total" if family.type == "counter" else ""): {label for s in family.samples for label in s.labels}
+    return {exposed_name(family): {label for s in family.samples for label in s.labels}
             for family in reloads.collect()}
 
 
