@@ -114,23 +114,31 @@ def test_the_cap_counts_the_units_reported_not_those_filtered_out():
     assert units == [] and len(failures) == 1 and failures[0][0] == "rejected"
 
 
+def scrape_with_tree_failures(failures: list):
+    """/metrics of one cycle over the v2 fixture tree, as if the discovery child's user-unit walk
+    had met ``failures`` (reason, where, message)."""
+    from exporter.render import render
+    from exporter.sampler import Sampler, SamplerConfig
+    from exporter.systemd import DiscoveryResult
+    from tests.test_sampler import FIXTURES, load_units
+    from tests.truth import Scrape
+
+    tree = FIXTURES / "v2"
+    found = DiscoveryResult(load_units(tree), True, "", 1.0, "system_bus", tree_failures=tuple(failures))
+    sampler = Sampler(SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup")), lambda: found)
+    return Scrape.parse(render(sampler.sample()).decode())
+
+
 def test_rejected_names_are_counted_and_leave_the_cgroup_source_up(tmp_path):
     """Any user can mkdir a name systemd would never give a unit in their delegated tree: it is
     counted (reason rejected), but the cgroup source stays up, so SystemdMemoryExporterSourceDown
     cannot be fired by a user's mkdir."""
-    from exporter.render import render
-    from exporter.sampler import Sampler, SamplerConfig
-    from exporter.systemd import DiscoveryResult, cgroup_subdirectories
-    from tests.test_sampler import FIXTURES, load_units
-    from tests.truth import Scrape
+    from exporter.systemd import cgroup_subdirectories
 
     (tmp_path / "m" / "app.slice" / "a b.service").mkdir(parents=True)
     failures: list = []
     user_units_in_tree("/m", 1500, cgroup_subdirectories(str(tmp_path), failures), UnitFilter.build(), failures)
-    tree = FIXTURES / "v2"
-    found = DiscoveryResult(load_units(tree), True, "", 1.0, "system_bus", tree_failures=tuple(failures))
-    sampler = Sampler(SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup")), lambda: found)
-    m = Scrape.parse(render(sampler.sample()).decode())
+    m = scrape_with_tree_failures(failures)
     assert m.value("systemd_memory_exporter_errors_total", source="cgroup", reason="rejected") == 1
     assert m.value("systemd_memory_exporter_source_up", source="cgroup") == 1
 
@@ -348,8 +356,7 @@ def test_explain_names_a_user_unit_and_why_it_has_no_cgroup_figures():
 def test_a_cgroup_the_walk_cannot_list_is_counted_not_fatal(tmp_path):
     """The walk's reader maps errno at the error boundary: gone is nothing, anything else is a
     failure the sampler counts as errors_total{source="cgroup"}; the other units stay."""
-    from exporter.systemd import DiscoveryResult, cgroup_subdirectories
-    from tests.test_sampler import FIXTURES, load_units
+    from exporter.systemd import cgroup_subdirectories
 
     (tmp_path / "m" / "app.slice" / "x.service").mkdir(parents=True)
     # As root nothing is unreadable: a file where a directory should be fails with ENOTDIR.
@@ -361,14 +368,7 @@ def test_a_cgroup_the_walk_cannot_list_is_counted_not_fatal(tmp_path):
     assert listing("/m/broken.slice") == []
     assert len(failures) == 1 and failures[0][0] == "io" and failures[0][1].endswith("/m/broken.slice")
 
-    from exporter.render import render
-    from exporter.sampler import Sampler, SamplerConfig
-    from tests.truth import Scrape
-
-    tree = FIXTURES / "v2"
-    found = DiscoveryResult(load_units(tree), True, "", 1.0, "system_bus", tree_failures=tuple(failures))
-    sampler = Sampler(SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup")), lambda: found)
-    m = Scrape.parse(render(sampler.sample()).decode())
+    m = scrape_with_tree_failures(failures)
     assert m.value("systemd_memory_exporter_errors_total", source="cgroup", reason="io") == 1
     assert m.value("systemd_memory_exporter_source_up", source="cgroup") == 0
     assert m.value("systemd_unit_memory_bytes", unit="dbus.service", type="cgroup_usage") > 0
