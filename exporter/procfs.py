@@ -233,7 +233,7 @@ class ProcessWalker:
         self._pause()
         directory = cgroup_path(self.procs_root, cgroup)
         try:
-            pids = read_procs(self._read, directory)  # a threaded cgroup's domain, walked first, lists its own
+            pids = read_procs(self._read, directory)  # threaded: [], its domain (walked first) lists them
             children = child_cgroups(directory)
         except (OSError, ParseError) as e:
             # A parse error names the file; an OSError may come from the listing too.

@@ -193,9 +193,9 @@ class PssCollector:
             # Gone since the listing, or a kernel thread (ESRCH: no address space to walk); but
             # hidepid=invisible hides a live process the same way, and a 0 for it would
             # understate the unit's PSS.
-            if reason == VANISHED and not (self._own_pid_namespace and hidden_by_hidepid(pid)):
-                return NO_MAPPINGS
             if reason == VANISHED:
+                if not (self._own_pid_namespace and hidden_by_hidepid(pid)):
+                    return NO_MAPPINGS
                 reason, e = PERMISSION, PermissionError(errno.EACCES, "hidden by hidepid")
             self.errors.warn("pss", reason, f"{self.procfs}/PID/smaps_rollup", describe(e))
             result.skipped["error"] += 1
