@@ -11,11 +11,9 @@ import os
 import resource
 import socket
 import ssl
-import struct
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -97,22 +95,6 @@ def _self_registry(open_descriptors: Callable[[], int | None]) -> CollectorRegis
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
-
-
-def gzip_member(data: bytes) -> bytes:
-    """``data`` as one gzip member of stored (uncompressed) deflate blocks (RFC 1951/1952).
-
-    For the few hundred bytes a scrape adds to the compressed snapshot: gzip.compress would
-    release the GIL around deflate, and a scrape that releases it during a sample cycle waits
-    for it again. Built here because no stdlib call makes a stored member without deflate.
-    """
-    blocks = []
-    for start in range(0, max(len(data), 1), 0xFFFF):
-        chunk = data[start:start + 0xFFFF]
-        final = start + 0xFFFF >= len(data)
-        blocks.append(struct.pack("<BHH", 1 if final else 0, len(chunk), len(chunk) ^ 0xFFFF) + chunk)
-    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, mtime 0, unknown OS
-    return header + b"".join(blocks) + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
 
 
 class DeadlineReader(io.RawIOBase):
@@ -272,9 +254,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(503, b"# no sample yet\n" + own, CONTENT_TYPE)
                 return
             if gzip_ok:
-                # The snapshot part was compressed once; gzip members may be concatenated (RFC 1952).
+                # The snapshot part was compressed once; own ends its open gzip member.
                 # Sent as two parts, never joined: see end_headers.
-                body = (published.body_gzip, gzip_member(own))
+                body = (published.body_gzip_open, published.gzip_ending(own))
             else:
                 body = (published.body(), own)
             self._send(200, body, CONTENT_TYPE, gzip_ok)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -203,4 +204,9 @@ def test_published_keeps_the_rendered_text_compressed_and_gives_it_back_unchange
     published = publish(snapshot)
     text = render(snapshot)
     assert published.body() == text and published.body_size == len(text)
-    assert len(published.body_gzip) < len(text) / 4
+    assert len(published.body_gzip_open) < len(text) / 4
+    # A scrape's own lines end the open member: one member of both texts, CRC and length checked.
+    tail = b"# own lines\n" * 50
+    whole = zlib.decompressobj(wbits=31)
+    assert whole.decompress(published.body_gzip_open + published.gzip_ending(tail)) == text + tail
+    assert whole.eof and whole.unused_data == b""

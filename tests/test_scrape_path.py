@@ -1,5 +1,5 @@
-"""The scrape's own pieces (exporter/web.py): the stored gzip member appended to the snapshot's
-compressed body, and the process collector that neither lists /proc/self/fd nor reads files
+"""The scrape's own pieces: the stored blocks that end the snapshot's open gzip member
+(exporter/gzipstream.py), and the process collector that neither lists /proc/self/fd nor reads files
 with buffered I/O at every scrape, yet gives client_python's families and values."""
 
 from __future__ import annotations
@@ -7,16 +7,27 @@ from __future__ import annotations
 import gzip
 import os
 import resource
+import zlib
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from exporter.web import OwnProcessCollector, gzip_member
+from exporter.gzipstream import GZIP_HEADER, OpenGzip, gzip_ending, inflate_open
+from exporter.web import OwnProcessCollector
 
 
-def test_a_stored_gzip_member_concatenates_with_a_compressed_one():
+def test_stored_blocks_end_an_open_compressed_member_as_one_member():
     for data in (b"", b"x", b"# HELP a\n" * 10_000, os.urandom(70_000)):  # 0, 1, 2 blocks
-        assert gzip.decompress(gzip_member(data)) == data
-        assert gzip.decompress(gzip.compress(b"head\n", mtime=0) + gzip_member(data)) == b"head\n" + data
+        assert gzip.decompress(GZIP_HEADER + gzip_ending(data)) == data  # a member of stored blocks alone
+        for head in ([], [b"head\n"], [b"# TYPE b gauge\n" * 5_000, os.urandom(70_000)]):
+            opened = OpenGzip(1)
+            for piece in head:
+                opened.compress(piece)
+            stream = opened.finish()
+            assert inflate_open(stream) == b"".join(head)
+            # zlib at wbits 31 reads one member and checks its CRC and length, as curl does.
+            member = zlib.decompressobj(wbits=31)
+            assert member.decompress(stream + gzip_ending(data, opened.crc, opened.size)) == b"".join(head) + data
+            assert member.eof and member.unused_data == b""
 
 
 def families(collector) -> dict[str, tuple[str, float]]:
