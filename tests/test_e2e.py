@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 import subprocess
 import time
 import urllib.request
@@ -24,6 +23,7 @@ from tests.truth import (
     MiB,
     check_accounting_off,
     check_anon_hog,
+    check_explain_usage,
     check_multi_process,
     check_page_cache_reader,
     check_rss_is_proc_sums,
@@ -311,14 +311,8 @@ def test_explain_reconciles_the_workloads(testhost, units):
     assert "reclaimable page cache" in sections[units["cache"]].split("\n\n")[0]  # the cache verdict
     assert "tmpfs/shared memory" in sections[units["shm"]].split("\n\n")[0]
     assert "are close" in sections[units["anon"]].split("\n\n")[0]
-    # explain and systemd each read usage_in_bytes (memory.current) at their own moment, and a
-    # charge moves it by a whole per-CPU batch (64 pages, MEMCG_CHARGE_BATCH): so explain's figure
-    # must lie within the two MemoryCurrent reads around it, give or take one batch per CPU and
-    # the 0.05 MiB of rounding. CI once saw 208.5 MiB against 208.7 read just after.
     after = int(testhost.show(units["cache"], "MemoryCurrent")["MemoryCurrent"])
-    shown = float(re.search(r"systemctl says \(cgroup usage\)\s+([\d.]+) MiB", sections[units["cache"]]).group(1))
-    slack = 0.05 + (os.cpu_count() or 1) * 64 * 4096 / MiB
-    assert min(before, after) / MiB - slack <= shown <= max(before, after) / MiB + slack, (before, shown, after)
+    check_explain_usage(sections[units["cache"]], before, after, os.cpu_count() or 1)
 
 
 def test_explain_unknown_unit_fails_clearly(testhost):

@@ -4,6 +4,7 @@ tests/vm on the cgroup v2 guest): scrape and query the exporter, sum /proc indep
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import time
@@ -198,6 +199,19 @@ def check_accounting_off(m: Scrape, unit: str, mib: int, own_usage: int | None) 
     else:
         assert usage == pytest.approx(own_usage, rel=0.02), (unit, usage, own_usage)
         assert m.value("systemd_unit_memory_stat_bytes", unit=unit, item="anon") >= (mib - 5) * MiB
+
+
+def check_explain_usage(section: str, before: int, after: int, cpus: int) -> None:
+    """explain's "systemctl says" figure against MemoryCurrent read just `before` and `after` it.
+    Each reads usage_in_bytes (memory.current) at its own moment, and a charge moves that by a
+    whole per-CPU batch (64 pages, MEMCG_CHARGE_BATCH): so the figure must lie between the two
+    reads, give or take one batch per CPU and the 0.05 MiB of rounding. (Comparing with one read
+    after failed in CI once: 208.5 MiB shown, 208.7 MiB read a moment later.)"""
+    found = re.search(r"systemctl says \(cgroup usage\)\s+([\d.]+) MiB", section)
+    assert found, section
+    shown = float(found.group(1))
+    slack = 0.05 + cpus * 64 * 4096 / MiB
+    assert min(before, after) / MiB - slack <= shown <= max(before, after) / MiB + slack, (before, shown, after)
 
 
 @contextlib.contextmanager
