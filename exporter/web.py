@@ -14,6 +14,7 @@ import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -131,7 +132,7 @@ class ExporterServer(ThreadingHTTPServer):
     daemon_threads = True
     # Bounded work per connection: a request must arrive within this many seconds of the wait
     # for it (an idle keep-alive connection is dropped then), and its response must be taken
-    # within as many again.
+    # within as many from its first byte (a scrape may wait for a sample before it).
     request_timeout = 10.0
     # At most this many connections get a thread; more wait in the listen backlog, which is
     # sized so a burst of scrapers is queued by the kernel instead of having SYNs dropped.
@@ -190,7 +191,12 @@ class ExporterServer(ThreadingHTTPServer):
             # it was accepted (SIGHUP may replace self.web_config: cli.py).
             web_config = self.web_config
             if web_config is not None:
-                request = web_config.handshake(request, self.request_timeout)
+                try:
+                    request = web_config.handshake(request, self.request_timeout)
+                except Exception:  # outside handle_error's reach: log it here, drop the connection
+                    log.exception("TLS setup with %s failed", client_address[0])
+                    self.shutdown_request(request)
+                    return
             if request is not None:
                 super().process_request_thread(request, client_address)
         finally:
@@ -213,12 +219,9 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.close()  # makefile()'s reader, replaced by one that keeps a deadline
         self._reader = DeadlineReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader)
-        self._send_deadline: float | None = None
 
     def handle_one_request(self) -> None:
-        timeout = self.server.request_timeout
-        self._reader.deadline = time.monotonic() + timeout
-        self._send_deadline = self._reader.deadline + timeout
+        self._reader.deadline = time.monotonic() + self.server.request_timeout
         try:
             super().handle_one_request()
         finally:
@@ -228,6 +231,12 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
+        if self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers:
+            # A body nobody reads would be parsed as the next request on this connection (request
+            # smuggling behind a proxy that forwards it): answer this one, then close.
+            self.close_connection = True
+        if not self.path.startswith("/"):
+            self.path = _origin_form(self.path)
         web_config = self.server.web_config
         if web_config is not None and not web_config.authorized(self.headers.get("Authorization")):
             self._unauthorized()  # before any route: nothing is served without the password
@@ -304,9 +313,18 @@ class Handler(BaseHTTPRequestHandler):
             buffered.append(b"\r\n")
             parts = [b"".join(buffered), *(part for part in body if part)]
             self._headers_buffer = []
-        send_parts(self.connection, self.wfile, parts, self._send_deadline)
+        send_parts(self.connection, self.wfile, parts, time.monotonic() + self.server.request_timeout)
 
     do_HEAD = do_GET
+
+
+def _origin_form(target: str) -> str:
+    """The path and query of an absolute-form request target ("http://host/metrics"), which a
+    server must accept (RFC 9112 3.2.2); anything else is left to give 404."""
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https"):
+        return target
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def send_parts(connection: socket.socket, wfile, parts: list[bytes], deadline: float | None = None) -> None:

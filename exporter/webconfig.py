@@ -432,7 +432,8 @@ def _normalize_san(value: str) -> str:
 
 
 def _sans(cert: dict | None) -> set[str]:
-    return {_normalize_san(v) for _, v in (cert or {}).get("subjectAltName", ())}
+    # A DirName SAN comes as a tuple of RDNs, not a string: no client_allowed_sans entry names it.
+    return {_normalize_san(v) for _, v in (cert or {}).get("subjectAltName", ()) if isinstance(v, str)}
 
 
 def _peer(sock: socket.socket) -> str:

@@ -5,14 +5,18 @@ exporter must say so, keep serving its own health, and retry."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -169,6 +173,66 @@ def test_unknown_path_is_404(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         get(server + "/nope")
     assert e.value.code == 404
+
+
+def exchange(server: str, request: bytes) -> list[bytes]:
+    """The status lines the exporter answers a raw ``request`` with, read until it closes the
+    connection or 5 s pass without a byte."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(request)
+        received = b""
+        with contextlib.suppress(socket.timeout):  # TimeoutError from 3.10
+            while chunk := connection.recv(65536):
+                received += chunk
+    return re.findall(rb"^HTTP/1\.[01] \d{3}[^\r]*", received, re.MULTILINE)
+
+
+def test_a_request_with_a_body_is_answered_once_and_the_body_never_read_as_a_request(server):
+    smuggled = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    lines = exchange(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled))
+    assert lines == [b"HTTP/1.1 200 OK"], lines
+    chunked = b"1a\r\n" + smuggled[:26] + b"\r\n0\r\n\r\n"
+    lines = exchange(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert lines == [b"HTTP/1.1 200 OK"], lines
+
+
+def test_an_absolute_form_target_is_served_as_its_path(server):
+    """RFC 9112 3.2.2: a server must accept "GET http://host/path" (what a forward proxy sends)."""
+    host = server.removeprefix("http://")
+    lines = exchange(server, f"GET {server}/metrics?x=1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    assert lines == [b"HTTP/1.1 200 OK"], lines
+    lines = exchange(server, f"GET {server}/nope HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    assert lines == [b"HTTP/1.1 404 Not Found"], lines
+
+
+def test_a_scrape_that_waits_for_the_first_sample_is_answered_in_full():
+    """The response's time limit starts at its first byte, not when the request came: a scrape
+    may first wait for a sample (up to twice --dbus.timeout). Here the first sample comes 3 s
+    after start and the request timeout is 1 s; the limit used to count from the request, and
+    the scrape got an empty reply."""
+    port = free_port()
+    tree = Path(__file__).parent / "fixtures" / "v2"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.late_start_exporter", str(tree), "3", "1",
+                             f"--web.listen-address=127.0.0.1:{port}", "--dbus.timeout=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # listening, without asking for /metrics (that would wait for the sample)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the exporter did not start listening"
+                time.sleep(0.05)
+        started = time.monotonic()
+        lines = exchange(f"http://127.0.0.1:{port}", b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert lines == [b"HTTP/1.1 200 OK"], (lines, f"after {time.monotonic() - started:.1f} s")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=15)[0]
+    assert "Traceback" not in out, out
 
 
 @pytest.mark.parametrize("server", [["--sample.interval=0"]], indirect=True)

@@ -45,12 +45,12 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def _issue(d: Path, name: str, ca: str, san: str, usage: str) -> None:
+def _issue(d: Path, name: str, ca: str, san: str, usage: str, sections: str = "") -> None:
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
     # keyUsage and authorityKeyIdentifier: Python 3.13's clients verify strictly (VERIFY_X509_STRICT).
     (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n"
-                                   "keyUsage=critical,digitalSignature\nauthorityKeyIdentifier=keyid,issuer\n")
+                                   "keyUsage=critical,digitalSignature\nauthorityKeyIdentifier=keyid,issuer\n" + sections)
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
              "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=d)
 
@@ -67,6 +67,8 @@ def pki(tmp_path_factory) -> Path:
     _issue(d, "server", "ca", "IP:127.0.0.1,DNS:localhost", "serverAuth")
     _issue(d, "client", "ca", "DNS:scraper.example", "clientAuth")
     _issue(d, "rogue", "rogue-ca", "DNS:scraper.example", "clientAuth")
+    # A directory name among the SANs: getpeercert() gives it as a tuple of RDNs, not a string.
+    _issue(d, "dirname", "ca", "DNS:scraper.example,dirName:dir_sect", "clientAuth", "[dir_sect]\nCN=scraper\n")
     _openssl("pkey", "-in", "server.key", "-aes128", "-passout", "pass:secret", "-out", "encrypted.key", cwd=d)
     return d
 
@@ -277,14 +279,18 @@ def test_client_certificate_required(exporter):
     assert status == 200 and METRIC in body
 
 
-@pytest.mark.parametrize("sans,ok", [(["scraper.example"], True), (["other.example", "127.0.0.2"], False)])
-def test_client_allowed_sans(exporter, sans, ok):
+@pytest.mark.parametrize("sans,cert,ok", [(["scraper.example"], "client", True),
+                                          (["other.example", "127.0.0.2"], "client", False),
+                                          (["scraper.example"], "dirname", True),
+                                          (["other.example"], "dirname", False)])
+def test_client_allowed_sans(exporter, sans, cert, ok):
     e = exporter(MTLS + f"  client_allowed_sans: {sans}\n")
     if ok:
-        assert e.request(cert="client")[0] == 200
+        assert e.request(cert=cert)[0] == 200
     else:
         with pytest.raises(REFUSED):
-            e.request(cert="client")
+            e.request(cert=cert)
+    assert "Traceback" not in e.stderr.read_text()
 
 
 def test_client_certificate_if_given(exporter):
