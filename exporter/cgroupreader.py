@@ -3,6 +3,7 @@ builders of exporter/memory.py, every failure through the error boundary."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 
@@ -41,6 +42,11 @@ class CgroupReader:
             if type(data) is bytes:
                 # A stray non-ASCII byte becomes U+FFFD, which the parsers reject.
                 texts[name] = data.decode("ascii", errors="replace")
+            elif path == pressure_path and data.errno == errno.EOPNOTSUPP:
+                # PSI is compiled in but off (psi=0, or CONFIG_PSI_DEFAULT_DISABLED as openEuler
+                # builds it, without psi=1): the files are there and every read refuses. No
+                # pressure figures, as on a kernel without PSI; not a failed read.
+                pass
             elif self.errors.read_failed("cgroup", path, data) == VANISHED and not os.path.isdir(os.path.dirname(path)):
                 if path != pressure_path:
                     return None  # the unit's cgroup went away mid-read

@@ -7,6 +7,7 @@ UPDATE_GOLDEN=1 after a deliberate change (each file it rewrites fails that run)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -195,6 +196,29 @@ def test_bad_tree_reports_every_other_unit_and_counts_errors():
     assert snapshot.errors[("procfs", "parse")] == 2
     assert not snapshot.sources["cgroup"].up
     render(snapshot)  # renders without raising
+
+
+def test_pressure_files_that_refuse_every_read_mean_psi_is_off_not_a_failed_source():
+    """A kernel built with PSI but booted without it (psi=0; openEuler's default, which needs
+    psi=1) keeps every memory.pressure file and answers each read EOPNOTSUPP (kernel/sched/
+    psi.c, psi_show). The fixture's reads are real; only the pressure files give that answer
+    here (tests/vm/test_psi_off.py boots a kernel with psi=0 for the real thing)."""
+    tree = FIXTURES / "v2"
+    units = load_units(tree)
+    config = SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup"))
+    sampler = Sampler(config, lambda: DiscoveryResult(units, True, "", 1.0, "system_bus"))
+    read_many = sampler.files.read_many
+
+    def psi_off(paths):
+        return [OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) if str(path).endswith("/memory.pressure")
+                else data for path, data in zip(paths, read_many(paths))]
+
+    sampler.files.read_many = psi_off
+    snapshot, good = sampler.sample(), sample_tree(tree, units)
+    assert not snapshot.errors and snapshot.sources["cgroup"].up
+    assert good.units and all(s.memory is None or s.memory.pressure is None for s in snapshot.units)
+    assert any(s.memory is not None and s.memory.pressure is not None for s in good.units)
+    assert [s.memory and s.memory.usage for s in snapshot.units] == [s.memory and s.memory.usage for s in good.units]
 
 
 def test_published_keeps_the_rendered_text_compressed_and_gives_it_back_unchanged():
