@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -47,6 +48,13 @@ class ErrorLog:
             log.warning("%s error (%s) at %s: %s", source, reason, where, message)
 
 
+# user@UID.service and everything below it are delegated to that user: systemd chowns them to
+# the user, who may chmod one of them. The exporter runs as its own unprivileged user
+# (deploy/systemd), so a refused read there is that user's doing: counted and logged, but it
+# leaves source_up alone, or any user could hold it at 0 and fire SourceDown (as REJECTED).
+_USER_MANAGER_TREE = re.compile(r"/user@\d+\.service(?:/|$)")
+
+
 class CycleErrors:
     """One cycle's failed reads, by source: a source is up when none of its reads failed
     (node_exporter's execute() takes success from the collector's own result in the same way).
@@ -57,7 +65,8 @@ class CycleErrors:
         self.failed: Counter[str] = Counter()
 
     def error(self, source: str, reason: str, where: str, message: str) -> None:
-        self.failed[source] += 1
+        if not (reason == PERMISSION and _USER_MANAGER_TREE.search(where)):
+            self.failed[source] += 1
         self.errors.error(source, reason, where, message)
 
     def read_failed(self, source: str, where: str, error: OSError | ParseError) -> str:

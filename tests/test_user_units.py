@@ -143,6 +143,62 @@ def test_rejected_names_are_counted_and_leave_the_cgroup_source_up(tmp_path):
     assert m.value("systemd_memory_exporter_source_up", source="cgroup") == 1
 
 
+LOCKED_TREE_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from exporter.sampler import Sampler, SamplerConfig
+from exporter.systemd import DiscoveryResult, UnitFilter, cgroup_subdirectories, user_units_in_tree
+root, procfs, manager = sys.argv[2:5]
+failures = []
+units = user_units_in_tree(manager, 1500, cgroup_subdirectories(root, failures), UnitFilter.build(), failures)
+found = DiscoveryResult(tuple(units), True, "", 1.0, "system_bus", tree_failures=tuple(failures))
+snapshot = Sampler(SamplerConfig(procfs=procfs, cgroupfs=root, kept_files=0), lambda: found).sample()
+print(json.dumps({"units": [u.name for u in units], "up": snapshot.sources["cgroup"].up,
+                  "errors": {"/".join(k): v for k, v in snapshot.errors.items()}}))
+"""
+
+
+def test_a_users_locked_cgroups_are_counted_and_leave_the_cgroup_source_up(tmp_path):
+    """systemd chowns user@UID.service's tree to the user, who may chmod 000 a slice or a file
+    of it; the exporter runs unprivileged (deploy/systemd), so the walk and the reads there get
+    EACCES. Counted (reason permission), but source_up{cgroup} stays 1: else any user could fire
+    SourceDown. The refusals are the kernel's: the v2 fixture copied, the user's tree built in it,
+    locked, and walked as nobody (root reads through the lock)."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    from tests.test_sampler import FIXTURES
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as scratch:  # not tmp_path: its parent is 0700
+        base = os.path.join(scratch, "t")
+        shutil.copytree(FIXTURES / "v2", base, symlinks=True)
+        shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "exporter"), os.path.join(base, "pkg", "exporter"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        root = os.path.join(base, "sys", "fs", "cgroup")
+        user_tree = root + MANAGER
+        for unit in ("app.slice/open.service", "app.slice/locked.slice/inner.service"):
+            os.makedirs(os.path.join(user_tree, unit))
+        for name in ("memory.current", "memory.stat", "cgroup.procs"):
+            shutil.copy(os.path.join(root, "init.scope", name), os.path.join(user_tree, "app.slice/open.service", name))
+        os.chmod(os.path.join(user_tree, "app.slice/open.service/memory.stat"), 0)
+        os.chmod(os.path.join(user_tree, "app.slice/locked.slice"), 0)
+        for directory, _, _ in os.walk(scratch):
+            if not directory.endswith("locked.slice"):
+                os.chmod(directory, 0o755)
+        ran = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+                              "-c", LOCKED_TREE_SCRIPT, os.path.join(base, "pkg"), root, os.path.join(base, "proc"), MANAGER],
+                             capture_output=True, text=True, timeout=60, cwd=scratch)
+        os.chmod(os.path.join(user_tree, "app.slice/locked.slice"), 0o755)  # so the directory can be removed
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout)
+    assert "open.service" in result["units"] and "locked.slice" in result["units"]
+    # the locked slice's listing, its cgroup.procs and memory files, and open.service's memory.stat
+    assert result["errors"].get("cgroup/permission", 0) >= 3, result
+    assert result["up"], result
+
+
 # --------------------------------------------------------------------------- a real user manager
 # In the test host (systemd 252, cgroup v1 hybrid): useradd, user@1500.service, units started
 # with `systemd-run --user -M u@`, every figure checked against `systemctl --user -M u@ show`
