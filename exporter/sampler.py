@@ -83,7 +83,11 @@ class Sampler:
                 self.errors.error("cgroup", reason, where, message)
             else:
                 cycle.error("cgroup", reason, where, message)
-        layout = detect_layout(self.config.cgroupfs)
+        try:
+            layout = detect_layout(self.config.cgroupfs)
+        except OSError as e:  # --path.cgroupfs unreadable (EACCES, ENOTDIR): this cycle has no cgroups
+            cycle.read_failed("cgroup", self.config.cgroupfs, e)
+            layout = NOTHING_FOUND
         reader = CgroupReader(layout, cycle, self.files.read_many)
         # Keyed by Unit.key: a user's dbus.service is not the system's.
         memories = {}
@@ -143,6 +147,10 @@ class Sampler:
         if ok:
             self._last_success[source] = success_at or now
         return SourceHealth(ok, self._last_success.get(source), message)
+
+
+# What detect_layout gives for a cgroupfs with no hierarchy in it.
+NOTHING_FOUND = Layout("legacy", None, None, None, None)
 
 
 def _layout_message(layout: Layout) -> str:

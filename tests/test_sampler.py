@@ -221,6 +221,18 @@ def test_pressure_files_that_refuse_every_read_mean_psi_is_off_not_a_failed_sour
     assert [s.memory and s.memory.usage for s in snapshot.units] == [s.memory and s.memory.usage for s in good.units]
 
 
+def test_a_cgroupfs_that_cannot_be_read_is_a_failed_source_not_a_failed_cycle():
+    """--path.cgroupfs naming something that refuses (here a file: ENOTDIR) used to raise out of
+    every cycle, which then served its last snapshot for good."""
+    tree = FIXTURES / "v2"
+    units = load_units(tree)
+    config = SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "units.json"))
+    snapshot = Sampler(config, lambda: DiscoveryResult(units, True, "", 1.0, "system_bus")).sample()
+    assert not snapshot.sources["cgroup"].up and snapshot.errors[("cgroup", "io")] == 1
+    assert snapshot.sources["dbus"].up and snapshot.units == ()
+    render(snapshot)
+
+
 def test_published_keeps_the_rendered_text_compressed_and_gives_it_back_unchanged():
     from exporter.service import publish
 
