@@ -273,7 +273,8 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     _setup_logging(args.log_level if args.log_level != "info" else "warn")
     if args.top < 1:
         parser.error("--top must be at least 1")
-    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout, _user_units_root(args))
+    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout,
+                          _user_units_root(args, parser))
 
     def discover() -> DiscoveryResult:
         try:
@@ -295,14 +296,17 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
-def _user_units_root(args: argparse.Namespace) -> str | None:
+def _user_units_root(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
     """The hierarchy in which systemd names units (user managers' too), or None without
     --collector.user-units or without any such hierarchy."""
     if not args.user_units:
         return None
     from .cgroupfs import detect_layout
 
-    return detect_layout(args.cgroupfs).procs_root
+    try:
+        return detect_layout(args.cgroupfs).procs_root
+    except OSError as e:  # a flag naming a file, or a directory we may not read
+        parser.error(f"--path.cgroupfs={args.cgroupfs}: cannot read it: {e.strerror}")
 
 
 def _return_big_buffers_to_the_kernel() -> None:
@@ -339,7 +343,7 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser, discov
     _return_big_buffers_to_the_kernel()  # before the fork: the child's malloc gets it too
     if discovery is None:
         discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout,
-                                     _user_units_root(args))
+                                     _user_units_root(args, parser))
         # Now, while this process has one thread and before the imports the child has no use for
         # (HTTP server, client_python, TLS): the child shares what it has of our pages.
         discovery.fork_first_child()

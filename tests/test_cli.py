@@ -53,6 +53,8 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         (["explain", "--top=0"], "--top must be at least 1"),
         (["--collector.pss.max-rss=" + "9" * 400], "too large a size"),  # float() gives inf
         (["--collector.pss.max-rss=4 parsecs"], "not a size in bytes"),
+        (["--path.cgroupfs=/etc/passwd"], "--path.cgroupfs=/etc/passwd: cannot read it: Not a directory"),
+        (["explain", "--path.cgroupfs=/etc/passwd", "x.service"], "cannot read it: Not a directory"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(args, message):
