@@ -206,10 +206,9 @@ def explain_text(r: Reconciliation) -> str:
         lines.append(row("swap (outside usage)", human_bytes(r.swap), ""))
     max_limit = r.limits.get("max")
     if max_limit is not None:
-        lines.append(
-            row("MemoryMax", human_bytes(max_limit), f"working set {human_bytes(r.working_set)}"
-                f" = {percent(r.working_set, max_limit)} of it")
-        )
+        share = percent(r.working_set, max_limit)  # "" without a working set or with MemoryMax=0
+        lines.append(row("MemoryMax", human_bytes(max_limit), f"working set {human_bytes(r.working_set)}"
+                         + (f" = {share} of it" if share else "")))
     oom = r.events.get("oom_kill")
     if oom:
         lines.append(f"  OOM kills so far: {oom}")

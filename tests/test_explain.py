@@ -159,3 +159,20 @@ def test_a_negative_v1_remainder_says_why_it_is_below_zero():
     remainder = {p.key: p for p in r.parts}["remainder"]
     assert remainder.bytes == -2 * MiB and remainder.why.startswith("below zero")
     assert "below zero" in explain_text(r) and "-2.0 MiB" in explain_text(r)
+
+
+@pytest.mark.parametrize("usage, limit, shown", [
+    (None, 64 * MiB, "working set n/a"),  # memory.current unreadable this cycle: no share to give
+    (4096, 0, "working set 4.0 KiB"),  # MemoryMax=0: a share of nothing
+    (32 * MiB, 64 * MiB, "working set 32.0 MiB = 50 % of it"),
+])
+def test_the_memorymax_line_gives_a_share_only_when_there_is_one(usage, limit, shown):
+    from exporter.memory import memory_from_v2
+
+    files = {"memory.stat": f"anon {usage or 0}\nfile 0\nshmem 0\nfile_mapped 0\ninactive_file 0\n",
+             "memory.max": f"{limit}\n", **({"memory.current": f"{usage}\n"} if usage is not None else {})}
+    unit = Unit("a.service", "service", "active", "running", "/system.slice/a.service")
+    line = next(line for line in explain_text(reconcile(UnitSample(unit, ProcessTotals(1, 0, 0, 0, 0),
+                                                                   memory_from_v2(files, [])))).splitlines()
+                if line.lstrip().startswith("MemoryMax"))
+    assert line.endswith(shown), line
