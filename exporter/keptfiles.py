@@ -25,6 +25,8 @@ import logging
 import os
 import resource
 
+from .kernelfiles import MORE_MAY_FOLLOW
+
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
@@ -58,8 +60,8 @@ LIST_EVERY = 10
 
 
 def _read_rest(fd: int, data: bytes, at: int | None) -> bytes:
-    """The chunks after a full first one (a seq_file fills the whole buffer only when more is
-    left). ``at``: the offset to pread from, or None for the descriptor's own position."""
+    """The chunks after a first one that may not be all (kernelfiles.MORE_MAY_FOLLOW), to the
+    end. ``at``: the offset to pread from, or None for the descriptor's own position."""
     chunks = [data]
     while True:
         chunk = os.read(fd, _READ_SIZE) if at is None else os.pread(fd, _READ_SIZE, at + sum(map(len, chunks)))
@@ -99,7 +101,7 @@ class KeptFiles:
         if fd is not None:
             try:
                 data = os.pread(fd, _READ_SIZE, 0)
-                if len(data) == _READ_SIZE:
+                if len(data) >= MORE_MAY_FOLLOW:
                     data = _read_rest(fd, data, 0)
             except OSError as e:
                 os.close(fd)
@@ -130,11 +132,11 @@ class KeptFiles:
                 except OSError:
                     unread[path] = fd  # read_bytes reads it again, closes it, and opens afresh
                 else:
-                    if len(data) < _READ_SIZE:
+                    if len(data) < MORE_MAY_FOLLOW:
                         kept[path] = fd
                         append(data)
                         continue
-                    unread[path] = fd  # more than one buffer: read_bytes reads it whole
+                    unread[path] = fd  # maybe more after it: read_bytes reads it whole
             try:
                 append(self.read_bytes(path))
             except OSError as e:
@@ -161,7 +163,7 @@ class KeptFiles:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             data = os.read(fd, _READ_SIZE)
-            if len(data) == _READ_SIZE:
+            if len(data) >= MORE_MAY_FOLLOW:
                 data = _read_rest(fd, data, None)
         except BaseException:
             os.close(fd)

@@ -230,6 +230,27 @@ def test_a_process_split_across_its_units_cgroups_is_counted_once_without_errors
         testhost.run(["rmdir", *reversed(made)], check=False)
         workloads.stop_units(testhost, [unit])
 
+def test_a_unit_with_more_processes_than_a_page_of_cgroup_procs_counts_them_all(testhost, exporter):
+    """cgroup.procs is printed a PID at a time, and a read of it returns at most a page (about 680
+    PIDs): a unit of 1,200 processes was counted as 682, silently. Two samples: the second reads
+    through the descriptor the first kept."""
+    count = 1200
+    loop = f"i=1; while [ $i -lt {count} ]; do sleep infinity & i=$((i+1)); done; exec sleep infinity"
+    unit = workloads.start_unit(testhost, "th-many-procs.service", ["/bin/sh", "-c", loop])
+    top = f"/sys/fs/cgroup/{testhost.procs_hierarchy}{testhost.unit_cgroup(unit)}"
+    try:
+        workloads.wait_until(lambda: len(testhost.path(f"{top}/cgroup.procs").read_text().split()) == count, 60,
+                             f"{unit} to run {count} processes")
+        assert len(testhost.path(f"{top}/cgroup.procs").read_bytes()) > 4096  # more than a page to read
+        exporter.next_sample()
+        exporter.next_sample()
+        m = exporter.scrape()
+        assert m.value("systemd_unit_processes", unit=unit) == count
+        check_rss_is_proc_sums(m, unit, proc_sums(testhost, top))
+    finally:
+        workloads.stop_units(testhost, [unit])
+
+
 def test_serves_where_pidfd_open_is_refused(testhost):
     """A kernel before 5.3, or a seccomp profile, refuses pidfd_open: the discovery child is then
     a fresh interpreter and the exporter serves. The call used to come after the fork, unguarded,
