@@ -202,7 +202,7 @@ def test_pressure_files_that_refuse_every_read_mean_psi_is_off_not_a_failed_sour
     """A kernel built with PSI but booted without it (psi=0; openEuler's default, which needs
     psi=1) keeps every memory.pressure file and answers each read EOPNOTSUPP (kernel/sched/
     psi.c, psi_show). The fixture's reads are real; only the pressure files give that answer
-    here (tests/vm/test_psi_off.py boots a kernel with psi=0 for the real thing)."""
+    here (tests/vm/test_psi_off.py boots 5.10 with psi=0 for the real thing)."""
     tree = FIXTURES / "v2"
     units = load_units(tree)
     config = SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "sys/fs/cgroup"))

@@ -99,9 +99,13 @@ def wait_until(predicate, timeout, interval=0.5, what="condition"):
 class Guest:
     def __init__(self, image, kernel, workdir, project_dir=REPO,
                  memory_mib=2048, cpus=2, swap_mib=1024, layout="unified", suite=None):
+        # "unified+psi=0": a cgroup layout and one more kernel argument, for a guest only the
+        # tests that name it run on (tests/vm/conftest.py).
+        layout, _, extra_arg = layout.partition("+")
         if layout not in LAYOUT_ARGS:
             raise ValueError(f"layout must be one of {sorted(LAYOUT_ARGS)}: {layout!r}")
         self.layout = layout
+        self.extra_kernel_args = [extra_arg] if extra_arg else []
         self.suite = suite  # image.Suite or None: what the tests expect of the guest
         self.image = Path(image)
         self.kernel = kernel
@@ -132,7 +136,7 @@ class Guest:
             "-nodefaults", "-no-user-config", "-display", "none",
             "-nic", "none", "-no-reboot",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.kernel.initrd),
-            "-append", " ".join(KERNEL_ARGS + LAYOUT_ARGS[self.layout]),
+            "-append", " ".join(KERNEL_ARGS + LAYOUT_ARGS[self.layout] + self.extra_kernel_args),
             "-serial", f"file:{self.console_log}",
             "-drive", f"file={self.image},format=raw,if=virtio,snapshot=on",
             "-drive", f"file={self.swap_path},format=raw,if=virtio",

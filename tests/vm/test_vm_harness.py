@@ -80,6 +80,11 @@ def test_layouts_boot_with_their_kernel_arguments(tmp_path):
     assert "trixie" in image.SUITES and image.SUITES["trixie"].layouts == ("unified",)
     with pytest.raises(ValueError):
         Guest(tmp_path / "img", None, tmp_path, layout="v3")
+    # A layout with "+argument": that layout, and the argument on the kernel's command line too.
+    psi_off = Guest(tmp_path / "img", image.Kernel("6.1", Path("vmlinuz"), Path("initrd"), Path("m")),
+                    tmp_path, layout="unified+psi=0")
+    append = psi_off.qemu_argv()[psi_off.qemu_argv().index("-append") + 1].split()
+    assert psi_off.layout == "unified" and {"systemd.unified_cgroup_hierarchy=1", "psi=0"} <= set(append)
 
 
 @pytest.mark.e2e
