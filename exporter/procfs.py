@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from .cgroupfs import cgroup_path, child_cgroups, minimal_roots, read_procs
 from .errorlog import CycleErrors
-from .kernelfiles import VANISHED, ParseError, parse_uint, read_bytes, read_many
+from .kernelfiles import VANISHED, ParseError, failure_reason, parse_uint, read_bytes, read_many
 from .records import record
 
 
@@ -137,6 +137,23 @@ class ProcessTotals:
         return self.rss_anon + self.rss_file + self.rss_shmem
 
 
+def leader_gone_threads_live(data: bytes) -> bool:
+    """A status file of a process whose main thread has exited while others run (pthread_exit
+    in main): the leader is a zombie with no Rss lines, yet cgroup.procs lists the process and
+    its memory is all there, in its live threads' status files."""
+    at = data.find(b"\nThreads:")
+    return at >= 0 and b"\nState:\tZ" in data and data[at + 9:data.find(b"\n", at + 1)].strip() not in (b"", b"1")
+
+
+def live_thread(procfs: str, pid: int) -> int | None:
+    """A thread of ``pid`` other than its leader, or None (gone, or none left)."""
+    try:
+        tids = os.listdir(f"{procfs}/{pid}/task")
+    except OSError:
+        return None
+    return next((int(tid) for tid in tids if tid.isdigit() and int(tid) != pid), None)
+
+
 def in_own_pid_namespace(procfs: str) -> bool:
     """Whether ``procfs`` is a procfs of our own PID namespace: only there does a PID from
     cgroup.procs name the process kill(2) reaches, so only there can hidden_by_hidepid tell."""
@@ -189,6 +206,19 @@ class ProcessWalker:
         # both for good: counted once, in the first, their common slice does not sum it twice.
         self._counted: set[int] = set()
         self._own_pid_namespace = in_own_pid_namespace(procfs)
+
+    def _from_a_live_thread(self, pid: int) -> tuple[int, int, int, int]:
+        """A process's memory from one of its live threads (they share it), when its leader is
+        a zombie; nothing when none is left. Rare: one listing and one read more."""
+        tid = live_thread(self.procfs, pid)
+        if tid is None:
+            return 0, 0, 0, 0
+        try:
+            return parse_status_bytes(read_bytes(f"{self.procfs}/{pid}/task/{tid}/status"))
+        except OSError as e:
+            if failure_reason(e) != VANISHED:
+                raise
+            return 0, 0, 0, 0
 
     def _hidden(self, pid: int) -> bool:
         return self._own_pid_namespace and hidden_by_hidepid(pid)
@@ -262,9 +292,11 @@ class ProcessWalker:
                     if type(data) is not bytes:
                         raise data
                     pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(data)
+                    if not (pid_anon or pid_file) and leader_gone_threads_live(data):
+                        pid_anon, pid_file, pid_shmem, pid_swap = self._from_a_live_thread(pid)
                 except (OSError, ParseError) as e:
                     if self.errors.read_failed("procfs", f"{self.procfs}/PID/status", e) == VANISHED:
-                        if self._hidden(pid):
+                        if e.errno == errno.ENOENT and self._hidden(pid):
                             self.errors.read_failed("procfs", f"{self.procfs}/PID/status", PermissionError(errno.EACCES, "hidden"))
                         else:
                             self.errors.vanished("process")

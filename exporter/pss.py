@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from .cgroupfs import cgroup_path, child_cgroups, read_procs
 from .errorlog import ErrorLog
 from .kernelfiles import PERMISSION, VANISHED, ParseError, describe, failure_reason, parse_uint, read_bytes
-from .procfs import hidden_by_hidepid, in_own_pid_namespace
+from .procfs import hidden_by_hidepid, in_own_pid_namespace, live_thread
 from .records import record
 from .systemd import Unit
 
@@ -187,14 +187,15 @@ class PssCollector:
             if parse_statm_resident(read_bytes(self._statm % pid)) > self.max_rss:
                 result.skipped["max_rss"] += 1
                 return _SKIPPED
-            rollup = parse_smaps_rollup(read_bytes(self._rollup % pid).decode("ascii", errors="replace"))
+            rollup = parse_smaps_rollup(self._read_rollup(pid))
         except (OSError, ParseError) as e:
             reason = failure_reason(e)
-            # Gone since the listing, or a kernel thread (ESRCH: no address space to walk); but
-            # hidepid=invisible hides a live process the same way, and a 0 for it would
-            # understate the unit's PSS.
+            # Gone since the listing (ENOENT at open; ESRCH from the read: no address space left
+            # to walk). But hidepid=invisible hides a live process as ENOENT too, and a 0 for it
+            # would understate the unit's PSS. Not ESRCH: that entry was there to open (and
+            # kill(pid, 0) is refused to an unprivileged exporter for any other user's process).
             if reason == VANISHED:
-                if not (self._own_pid_namespace and hidden_by_hidepid(pid)):
+                if not (e.errno == errno.ENOENT and self._own_pid_namespace and hidden_by_hidepid(pid)):
                     return NO_MAPPINGS
                 reason, e = PERMISSION, PermissionError(errno.EACCES, "hidden by hidepid")
             self.errors.warn("pss", reason, f"{self.procfs}/PID/smaps_rollup", describe(e))
@@ -202,6 +203,20 @@ class PssCollector:
             return _SKIPPED
         result.read += 1
         return rollup
+
+    def _read_rollup(self, pid: int) -> str:
+        try:
+            return read_bytes(self._rollup % pid).decode("ascii", errors="replace")
+        except OSError as e:
+            # A leader that exited while its threads run has no address space of its own to
+            # walk (ESRCH); a live thread's smaps_rollup walks the one they share.
+            tid = live_thread(self.procfs, pid) if e.errno == errno.ESRCH else None
+            if tid is None:
+                raise
+            try:
+                return read_bytes(f"{self.procfs}/{pid}/task/{tid}/smaps_rollup").decode("ascii", errors="replace")
+            except OSError:
+                raise e from None  # the leader's answer: the process is going (not hidden)
 
     def _subtree_pids(
         self, root: str, cgroup: str, listings: dict[str, tuple[list[int], list[str]] | None]
