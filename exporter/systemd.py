@@ -209,12 +209,15 @@ class ListedUnit:
 
 def parse_list_units(body: Sequence[Sequence]) -> list[ListedUnit]:
     """ListUnits returns a(ssssssouso): name, description, load, active, sub, following,
-    object path, job id, job type, job path. pystemd hands strings over as bytes."""
+    object path, job id, job type, job path. pystemd hands strings over as bytes.
+
+    Every load state is kept: a unit still running after its file was removed (not-found),
+    masked while running (masked) or edited into a broken file (bad-setting, error) keeps its
+    cgroup and its memory, as systemctl list-units shows. Units listed only because something
+    refers to them are inactive, and refresh() drops those by their active state."""
     units = []
     for entry in body:
-        name, _description, load_state, active, sub, _following, path = entry[:7]
-        if _text(load_state) != "loaded":
-            continue
+        name, _description, _load_state, active, sub, _following, path = entry[:7]
         units.append(ListedUnit(_text(name), _text(active), _text(sub), path if isinstance(path, bytes) else path.encode()))
     return units
 

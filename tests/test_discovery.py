@@ -1,6 +1,7 @@
 """Discovery.refresh (exporter/systemd.py) against the real systemd and D-Bus of the test host:
-its ControlGroup cache (one Get per new or changed unit, none for a unit seen before), and a unit
-whose object is gone by the time of its Get (skipped, the rest still returned)."""
+its ControlGroup cache (one Get per new or changed unit, none for a unit seen before), a
+unit whose object is gone by the time of its Get (skipped, the rest still returned) and running
+units whose unit file is gone, masked or broken (still reported)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import pytest
 
 from tests.testhost import workloads
+from tests.truth import exporter_in_host
 
 pytestmark = pytest.mark.e2e
 
@@ -101,3 +103,53 @@ def test_a_unit_gone_before_its_get_is_skipped_and_the_rest_returned(testhost):
     finally:
         session.close()
         workloads.stop_units(testhost, [unit])
+
+
+# Holds 8 MiB it wrote (bytes multiplied, so every page is touched): a unit with memory to show.
+HOLDER = "import time; held = bytes(range(256)) * 32768; time.sleep(600)"
+
+
+def test_running_units_whose_file_is_gone_masked_or_broken_are_reported_with_their_memory(testhost):
+    """A running unit whose file was removed (not-found), that was masked (masked) or edited
+    into a broken file (bad-setting) and daemon-reloaded keeps its cgroup and its memory, and
+    systemctl list-units shows it: the exporter dropped every unit whose load state was not
+    "loaded"."""
+    units = {"th-disc-removed.service": "not-found", "th-disc-masked.service": "masked",
+             "th-disc-broken.service": "bad-setting"}
+    files = {unit: f"/run/systemd/system/{unit}" for unit in units}
+    for unit, path in files.items():
+        testhost.write_file(path, f"[Service]\nExecStart={testhost.python} -c \"{HOLDER}\"\n")
+    testhost.systemctl("daemon-reload")
+    try:
+        testhost.systemctl("start", *units)
+        testhost.path(files["th-disc-removed.service"]).unlink()
+        testhost.systemctl("mask", "th-disc-masked.service")  # /etc/systemd/system/… -> /dev/null
+        testhost.write_file(files["th-disc-broken.service"], "[Service]\n")  # no ExecStart=: bad-setting
+        testhost.systemctl("daemon-reload")
+        shown = {unit: testhost.show(unit, "LoadState", "ActiveState", "MemoryCurrent", "ControlGroup") for unit in units}
+        for unit, load_state in units.items():
+            assert (shown[unit]["LoadState"], shown[unit]["ActiveState"]) == (load_state, "active"), shown[unit]
+        # At that daemon-reload, systemd 252 takes the memory cgroup (v1) from the not-found and
+        # masked units: their processes are charged to system.slice, and MemoryCurrent is
+        # [not set]. The bad-setting one keeps it.
+        assert shown["th-disc-broken.service"]["MemoryCurrent"] != "[not set]"
+        with exporter_in_host(testhost, 0.5) as exporter:
+            exporter.next_sample()
+            m = exporter.scrape()
+        for unit in units:
+            assert m.get("systemd_unit_info", unit=unit, unit_type="service", active_state="active",
+                         control_group=shown[unit]["ControlGroup"]) == 1, f"{unit} not reported"
+            assert m.value("systemd_unit_memory_bytes", unit=unit, type="rss_anon") >= 8 << 20, unit
+            assert m.value("systemd_unit_processes", unit=unit) == 1, unit
+            usage = m.get("systemd_unit_memory_bytes", unit=unit, type="cgroup_usage")
+            if shown[unit]["MemoryCurrent"] == "[not set]":
+                assert usage is None, f"{unit}: systemd has no MemoryCurrent, the exporter must not invent one"
+            else:
+                assert usage == pytest.approx(int(shown[unit]["MemoryCurrent"]), rel=0.05), unit
+    finally:
+        testhost.systemctl("stop", *units, check=False)
+        testhost.systemctl("unmask", "th-disc-masked.service", check=False)
+        for path in files.values():
+            testhost.path(path).unlink(missing_ok=True)
+        testhost.systemctl("daemon-reload")
+        workloads.stop_units(testhost, units)

@@ -249,15 +249,29 @@ def test_statm_parser_raises_only_parse_error(data):
         pass
 
 
-def test_list_units_keeps_loaded_units_and_their_exact_names():
+def test_list_units_keeps_every_load_state_and_the_exact_names():
     # The shape pystemd returns for ListUnits (a(ssssssouso)), strings as bytes.
+    def entry(name: bytes, load: bytes, active: bytes = b"active", sub: bytes = b"running"):
+        return (name, b"", load, active, sub, b"", b"/org/freedesktop/systemd1/unit/" + name.split(b".")[0], 0, b"", b"/")
+
     body = [
-        (b"foo\\x2dbar.service", b"Foo", b"loaded", b"active", b"running", b"", b"/org/freedesktop/systemd1/unit/foo", 0, b"", b"/"),
-        (b"gone.service", b"", b"not-found", b"inactive", b"dead", b"", b"/org/freedesktop/systemd1/unit/gone", 0, b"", b"/"),
+        entry(b"foo\\x2dbar.service", b"loaded"),
+        # Still running with their cgroup and memory, as systemctl list-units shows them: the
+        # file removed and daemon-reload, masked while running, a bad edit. They were dropped.
+        entry(b"removed.service", b"not-found"),
+        entry(b"masked.service", b"masked"),
+        entry(b"bad.service", b"bad-setting"),
+        entry(b"broken.service", b"error"),
+        # Listed because something refers to it; refresh() drops it for being inactive.
+        entry(b"gone.service", b"not-found", b"inactive", b"dead"),
     ]
-    (unit,) = parse_list_units(body)
-    assert unit.name == "foo\\x2dbar.service" and unit.active_state == "active" and unit.sub_state == "running"
-    assert unit.object_path == b"/org/freedesktop/systemd1/unit/foo"
+    units = parse_list_units(body)
+    assert [(u.name, u.active_state, u.sub_state) for u in units] == [
+        ("foo\\x2dbar.service", "active", "running"), ("removed.service", "active", "running"),
+        ("masked.service", "active", "running"), ("bad.service", "active", "running"),
+        ("broken.service", "active", "running"), ("gone.service", "inactive", "dead"),
+    ]
+    assert units[0].object_path == b"/org/freedesktop/systemd1/unit/foo\\x2dbar"
 
 
 def test_minimal_roots_cover_every_subtree_once():
