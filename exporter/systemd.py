@@ -1,7 +1,8 @@
 """Unit discovery over D-Bus with pystemd, and of user managers' units in the cgroup tree.
 
 Cost model (node_exporter #1201/#1254 made one call per unit per scrape): one ListUnits per
-cycle, plus one Get of ControlGroup for a unit only when it is new or its state changed.
+cycle, plus one Get of ControlGroup for a unit only when it is new, its state changed or its
+cached cgroup directory went away (one stat per unit per cycle, no D-Bus).
 Everything here runs in the discovery child process (exporter/discovery_process.py), on one
 thread that owns the one bus connection: sd-bus is not thread-safe. Every method call is bounded by $SYSTEMD_BUS_TIMEOUT, which sd-bus reads
 when a bus makes its first call (systemd docs/ENVIRONMENT.md); pystemd passes timeout 0,
@@ -252,15 +253,17 @@ class Discovery:
         user_units_root: str | None = None,
     ):
         """``user_units_root``: the cgroup hierarchy systemd names units in (cgroupfs.Layout's
-        procs_root), to find user managers' units below user@UID.service; None: no user units."""
+        procs_root), to find user managers' units below user@UID.service, and where a cached
+        ControlGroup is checked for still existing; None: no user units and no such check."""
         self.unit_filter = unit_filter
         self.private_socket = private_socket
         self.user_units_root = user_units_root
         self.tree_failures: list[tuple[str, str, str]] = []  # of the latest refresh
         self.transport = "none"  # "system_bus", "private_socket" or "none"
         self._bus = None
-        # name -> ((active, sub), control group): refetched only when the state pair changes.
-        self._cgroup_cache: dict[str, tuple[tuple[str, str], str]] = {}
+        # name -> ((active, sub), control group, whether its directory existed when last looked
+        # at): refetched when the state pair changes or that directory went away (refresh()).
+        self._cgroup_cache: dict[str, tuple[tuple[str, str], str, bool]] = {}
         # sd-bus reads this once per bus, at its first call; set it before any bus exists.
         os.environ["SYSTEMD_BUS_TIMEOUT"] = f"{int(timeout * 1_000_000)}us"
 
@@ -301,8 +304,11 @@ class Discovery:
         value = bus.get_property(SYSTEMD_DESTINATION, unit.object_path, interface, b"ControlGroup", b"s")
         return _text(value)
 
+    def _cgroup_exists(self, cgroup: str) -> bool:
+        return bool(cgroup) and self.user_units_root is not None and os.path.isdir(self.user_units_root + cgroup)
+
     def refresh(self) -> tuple[Unit, ...]:
-        """One ListUnits, plus one ControlGroup read per new or changed unit.
+        """One ListUnits, plus one ControlGroup read per new, changed or moved unit.
 
         On any D-Bus failure the connection is dropped, so the next call reconnects
         (dbus-daemon restarts, daemon-reexec and timeouts all look the same from here).
@@ -324,13 +330,19 @@ class Discovery:
                 seen.add(entry.name)
                 state = (entry.active_state, entry.sub_state)
                 cached = self._cgroup_cache.get(entry.name)
-                if cached is None or cached[0] != state:
+                # The state pair misses a unit stopped and started again between two cycles
+                # (a Slice= change and a restart, systemd-run --unit=X --slice=Y once more): it
+                # is active/running both times, but its cgroup is elsewhere. Its old directory
+                # is gone then (systemd removes a stopped unit's cgroup), which one stat shows;
+                # a path whose directory was missing already at its Get is not asked for again.
+                if cached is None or cached[0] != state or (cached[2] and not self._cgroup_exists(cached[1])):
                     try:
-                        cached = (state, self._control_group(self._bus, entry))
+                        cgroup = self._control_group(self._bus, entry)
                     except Exception as e:
                         if _unit_gone(e):  # it went away between ListUnits and Get: skip it this cycle
                             continue
                         raise
+                    cached = (state, cgroup, self._cgroup_exists(cgroup))
                     self._cgroup_cache[entry.name] = cached
                 if cached[1] and wanted:
                     units.append(Unit(entry.name, entry.name.rpartition(".")[2], *state, cached[1]))

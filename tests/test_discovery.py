@@ -1,5 +1,5 @@
 """Discovery.refresh (exporter/systemd.py) against the real systemd and D-Bus of the test host:
-its ControlGroup cache (one Get per new or changed unit, none for a unit seen before), a
+its ControlGroup cache (one Get per new, changed or moved unit, none for a unit seen before), a
 unit whose object is gone by the time of its Get (skipped, the rest still returned) and running
 units whose unit file is gone, masked or broken (still reported)."""
 
@@ -19,9 +19,13 @@ pytestmark = pytest.mark.e2e
 # Runs inside the host: the real Discovery, on the real bus. It only records the ControlGroup
 # reads it makes (a spy: each still goes to systemd) and, when asked, adds to ListUnits' answer a
 # unit whose object does not exist, as a unit that went away between ListUnits and Get looks.
+# With a cgroup hierarchy as its argument (the exporter's user_units_root), it also checks its
+# cached control groups there and answers each unit's.
 SESSION = r"""
 import json, sys
 from exporter.systemd import Discovery, ListedUnit, UnitFilter
+
+root = sys.argv[1] if len(sys.argv) > 1 else None
 
 class Recording(Discovery):
     ghost = False
@@ -38,19 +42,22 @@ class Recording(Discovery):
         self.gets.append(unit.name)
         return super()._control_group(bus, unit)
 
-discovery = Recording(UnitFilter.build("th-disc-.*"))
+discovery = Recording(UnitFilter.build("th-disc-.*"), user_units_root=root)
 for line in sys.stdin:
     discovery.ghost = line.strip() == "ghost"
     discovery.gets.clear()
     units = discovery.refresh()
-    print(json.dumps({"units": sorted(u.name for u in units), "gets": sorted(discovery.gets),
-                      "connected": discovery._bus is not None}), flush=True)
+    answer = {"units": sorted(u.name for u in units), "gets": sorted(discovery.gets),
+              "connected": discovery._bus is not None}
+    if root:
+        answer["cgroups"] = {u.name: u.control_group for u in units if u.uid is None}
+    print(json.dumps(answer), flush=True)
 """
 
 
 class Session:
-    def __init__(self, host):
-        self.proc = host.popen(["python3", "-c", SESSION], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    def __init__(self, host, *args: str):
+        self.proc = host.popen(["python3", "-c", SESSION, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
 
     def refresh(self, command: str = "refresh") -> dict:
@@ -103,6 +110,32 @@ def test_a_unit_gone_before_its_get_is_skipped_and_the_rest_returned(testhost):
     finally:
         session.close()
         workloads.stop_units(testhost, [unit])
+
+
+def test_a_unit_restarted_into_another_slice_between_two_refreshes_has_its_new_cgroup(testhost):
+    """Stopped and started again into another slice (systemd-run --unit=X --slice=Y once more)
+    between two refreshes, the unit is active/running both times: the state pair alone kept the
+    old path, whose reads find nothing, so the sampler dropped the unit. Its old directory is
+    gone, which one stat shows, and that costs one Get."""
+    unit = "th-disc-moved.service"
+    session = Session(testhost, f"/sys/fs/cgroup/{testhost.procs_hierarchy}")
+    try:
+        workloads.start_unit(testhost, unit, ["sleep", "600"], slice="thmoveda.slice")
+        before = testhost.unit_cgroup(unit)
+        first = session.refresh()
+        assert unit in first["gets"] and first["cgroups"][unit] == before
+        assert unit not in session.refresh()["gets"]  # seen before, still there: no Get
+        workloads.stop_units(testhost, [unit])
+        workloads.start_unit(testhost, unit, ["sleep", "600"], slice="thmovedb.slice")
+        after = testhost.unit_cgroup(unit)
+        assert after != before
+        moved = session.refresh()
+        assert moved["cgroups"][unit] == after, f"still the old cgroup {before}"
+        assert unit in moved["gets"]
+        assert unit not in session.refresh()["gets"]  # once, not every cycle
+    finally:
+        session.close()
+        workloads.stop_units(testhost, [unit, "thmoveda.slice", "thmovedb.slice"])
 
 
 # Holds 8 MiB it wrote (bytes multiplied, so every page is touched): a unit with memory to show.
