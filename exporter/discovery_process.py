@@ -7,8 +7,9 @@ the exporter, /metrics included. A child can hang alone: the sampler goes on wit
 known units, and a child that hangs too long is killed and started again.
 
 Protocol: the parent writes "refresh\\n"; the child answers a JSON header line ({"ok",
-"transport", "chunks": K} or {"ok": false, "error"}) and K lines of at most CHUNK_UNITS units
-each (JSON arrays of Unit fields). The parent parses one chunk at a time, with a pause point for
+"transport", "chunks": K} or {"ok": false, "error", "failure"}, failure "timeout" or
+"unavailable" as errors_total counts it) and K lines of at most CHUNK_UNITS units each (JSON
+arrays of Unit fields). The parent parses one chunk at a time, with a pause point for
 scrapes between chunks: one json.loads of 3,000 units held the GIL for ~11 ms here, long enough
 for a scrape to wait on it. (A header with "units" holds them itself, in one line.) The child
 exits when its stdin closes (the parent went away).
@@ -98,7 +99,7 @@ class DiscoveryProcess:
         self._pending_since = None
         reply = json.loads(lines[0])
         if not reply["ok"]:
-            return self._failed(reply["error"], reply["transport"])
+            return self._failed(reply["error"], reply["transport"], reply.get("failure", "unavailable"))
         if self._logged_down:
             log.info("systemd is reachable again over the %s", reply["transport"].replace("_", " "))
             self._logged_down = False
@@ -112,12 +113,14 @@ class DiscoveryProcess:
         )
         return self._result
 
-    def _failed(self, message: str, transport: str = "none") -> DiscoveryResult:
+    def _failed(self, message: str, transport: str = "none", failure: str = "unavailable") -> DiscoveryResult:
+        """``failure``: "timeout" when the child's D-Bus call got no answer in time (sd-bus's
+        timeout comes back as an error reply from the child), else "unavailable"."""
         if not self._logged_down:
             log.error("unit discovery failed, serving the last known units and retrying: %s", message)
             self._logged_down = True
         last = self._result
-        self._result = DiscoveryResult(last.units, False, message, last.refreshed_at, transport, "unavailable")
+        self._result = DiscoveryResult(last.units, False, message, last.refreshed_at, transport, failure)
         return self._result
 
     def _stale(self, message: str) -> DiscoveryResult:
@@ -310,7 +313,7 @@ def serve(config: dict, requests=None, replies=None) -> None:
             reply = {"ok": True, "transport": discovery.transport, "chunks": len(chunks),
                      "tree_failures": discovery.tree_failures}
         except DiscoveryError as e:
-            reply = {"ok": False, "transport": discovery.transport, "error": str(e)}
+            reply = {"ok": False, "transport": discovery.transport, "error": str(e), "failure": e.failure}
         replies.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in [reply, *chunks]))
         replies.flush()
         del chunks

@@ -11,6 +11,7 @@ meaning "that default".
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -242,7 +243,14 @@ class DiscoveryResult:
 
 
 class DiscoveryError(Exception):
-    """D-Bus or systemd could not be reached or answered with an error."""
+    """D-Bus or systemd could not be reached or answered with an error.
+
+    ``failure``: DiscoveryResult's kind, "timeout" when a call got no answer within
+    $SYSTEMD_BUS_TIMEOUT (--dbus.timeout), else "unavailable"."""
+
+    def __init__(self, message: str, failure: str = "unavailable"):
+        super().__init__(message)
+        self.failure = failure
 
 
 class Discovery:
@@ -273,6 +281,7 @@ class Discovery:
         except ImportError as e:  # pystemd missing or built against another libsystemd
             raise DiscoveryError(f"pystemd is not importable: {e}") from e
         errors = []
+        timed_out = False
         for transport, make in (
             ("system_bus", lambda: DBus()),
             # systemd's own socket answers the Manager API without dbus-daemon (root only).
@@ -285,6 +294,7 @@ class Discovery:
                 bus.get_property(SYSTEMD_DESTINATION, MANAGER_PATH, MANAGER_INTERFACE, b"Version", b"s")
             except Exception as e:  # pystemd raises DBusError subclasses and OSErrors
                 errors.append(f"{transport}: {e}")
+                timed_out = timed_out or _timed_out(e)
                 _close_quietly(bus)
                 continue
             if transport != self.transport:
@@ -292,7 +302,10 @@ class Discovery:
             self.transport = transport
             return bus
         self.transport = "none"
-        raise DiscoveryError("cannot reach systemd over D-Bus (" + "; ".join(errors) + ")")
+        # A bus that took no answer in time, beside a private socket that is not there (or not
+        # ours, unprivileged): systemd is hung, not absent.
+        raise DiscoveryError("cannot reach systemd over D-Bus (" + "; ".join(errors) + ")",
+                             "timeout" if timed_out else "unavailable")
 
     @staticmethod
     def _list_units(bus) -> list[ListedUnit]:
@@ -360,7 +373,7 @@ class Discovery:
             raise
         except Exception as e:
             self.close()
-            raise DiscoveryError(f"D-Bus call failed: {e}") from e
+            raise DiscoveryError(f"D-Bus call failed: {e}", "timeout" if _timed_out(e) else "unavailable") from e
 
     def close(self) -> None:
         if self._bus is not None:
@@ -396,6 +409,17 @@ def _unit_gone(error: Exception) -> bool:
     from pystemd.dbusexc import DBusNoSuchUnitError, DBusUnknownObjectError  # there since a bus exists
 
     return isinstance(error, (DBusNoSuchUnitError, DBusUnknownObjectError))
+
+
+def _timed_out(error: Exception) -> bool:
+    """sd-bus's own method-call timeout: sd_bus_call returns -ETIMEDOUT, which pystemd raises as
+    DBusTimeoutError (the error name sd-bus sets for it, org.freedesktop.DBus.Error.Timeout)
+    or, by errno, as a DBusBaseError "[err -110]: b'Connection timed out'"."""
+    from pystemd.dbusexc import DBusTimedOutError, DBusTimeoutError  # there since a bus exists
+
+    # pystemd's errno is sd-bus's negative return code; an OSError's is positive.
+    return isinstance(error, (DBusTimeoutError, DBusTimedOutError)) or getattr(error, "errno", None) in (
+        errno.ETIMEDOUT, -errno.ETIMEDOUT)
 
 
 def _close_quietly(bus) -> None:

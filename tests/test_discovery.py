@@ -1,12 +1,15 @@
 """Discovery.refresh (exporter/systemd.py) against the real systemd and D-Bus of the test host:
 its ControlGroup cache (one Get per new, changed or moved unit, none for a unit seen before), a
-unit whose object is gone by the time of its Get (skipped, the rest still returned) and running
-units whose unit file is gone, masked or broken (still reported)."""
+unit whose object is gone by the time of its Get (skipped, the rest still returned), running
+units whose unit file is gone, masked or broken (still reported), and a frozen systemd (a
+timeout, as errors_total counts it)."""
 
 from __future__ import annotations
 
 import json
+import os
 import select
+import signal
 import subprocess
 
 import pytest
@@ -56,8 +59,8 @@ for line in sys.stdin:
 
 
 class Session:
-    def __init__(self, host, *args: str):
-        self.proc = host.popen(["python3", "-c", SESSION, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    def __init__(self, host, *args: str, script: str = SESSION):
+        self.proc = host.popen(["python3", "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
 
     def refresh(self, command: str = "refresh") -> dict:
@@ -186,3 +189,36 @@ def test_running_units_whose_file_is_gone_masked_or_broken_are_reported_with_the
             testhost.path(path).unlink(missing_ok=True)
         testhost.systemctl("daemon-reload")
         workloads.stop_units(testhost, units)
+
+
+# Runs inside the host: the exporter's own client of the discovery child, one request per line.
+FROZEN_SESSION = r"""
+import json, sys
+from exporter.discovery_process import DiscoveryProcess
+
+client = DiscoveryProcess("th-disc-.*", "", ["service"], "/run/systemd/private", 1.0)
+for line in sys.stdin:
+    result = client.request(wait=20)
+    print(json.dumps({"ok": result.ok, "failure": result.failure, "message": result.message}), flush=True)
+client.stop()
+"""
+
+
+def test_a_frozen_systemd_is_a_timeout_not_an_unavailable_bus(testhost):
+    """systemd stopped (SIGSTOP) while dbus-daemon runs: the child's ListUnits gets no answer
+    within --dbus.timeout, and sd-bus hands that back as an error reply ("[err -110]:
+    b'Connection timed out'"), which the parent counted as reason="unavailable". The README
+    defines that as reason="timeout"."""
+    session = Session(testhost, script=FROZEN_SESSION)
+    try:
+        assert session.refresh()["ok"], "discovery must work before the freeze"
+        os.kill(testhost.pid, signal.SIGSTOP)  # the host's systemd, PID 1 of its namespaces only
+        try:
+            frozen = session.refresh()
+        finally:
+            os.kill(testhost.pid, signal.SIGCONT)
+        assert (frozen["ok"], frozen["failure"]) == (False, "timeout"), frozen["message"]
+        assert "timed out" in frozen["message"]
+        assert session.refresh()["ok"], "discovery must recover after SIGCONT"
+    finally:
+        session.close()

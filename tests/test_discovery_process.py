@@ -1,12 +1,17 @@
 """The parent side of the discovery child (exporter/discovery_process.py) against children that
-misbehave: one that dies mid-answer, one that never answers."""
+misbehave: one that dies mid-answer, one that never answers; and the real child on a bus whose
+calls fail, so each failure is counted under the right reason."""
 
 from __future__ import annotations
 
+import errno
+import json
 import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from exporter.discovery_process import DiscoveryProcess
 from exporter.sampler import SamplerConfig
@@ -102,6 +107,57 @@ def test_stopping_while_d_bus_hangs_is_prompt_and_ends_the_child():
         took = time.monotonic() - started
     assert not loop._thread.is_alive() and child.poll() is not None
     assert took < 5, f"stop() took {took:.1f}s with D-Bus hanging"
+
+
+# The real child (serve() and Discovery.refresh) on a bus whose every call fails as sd-bus fails
+# it: sd_bus_call's own timeout (systemd frozen while the bus is up) is the error reply
+# "[err -110]: b'Connection timed out'", not a child that stays silent. argv: the error name
+# ("" for none: pystemd then raises DBusBaseError by errno), the errno, the config.
+FAILING_BUS_CHILD = """
+import json, sys
+sys.path.insert(0, %r)
+from pystemd.dbusexc import DBusError
+from exporter import systemd
+from exporter.discovery_process import serve
+
+class FailingBus:
+    def call_method(self, *args):
+        raise DBusError(int(sys.argv[2]), sys.argv[1].encode() or None, b"Connection timed out")
+
+    def close(self):
+        pass
+
+systemd.Discovery._connect = lambda self: FailingBus()
+serve(json.loads(sys.argv[3]))
+""" % str(Path(__file__).resolve().parents[1])
+
+
+def client_with_failing_bus(error_name: str, error_number: int) -> DiscoveryProcess:
+    client = DiscoveryProcess(".+", "", ["service"], "/nonexistent/private", timeout=0.2)
+    client._argv = [sys.executable, "-c", FAILING_BUS_CHILD, error_name, str(error_number), json.dumps(client._config)]
+    return client
+
+
+@pytest.mark.parametrize("error_name", ["org.freedesktop.DBus.Error.Timeout", ""], ids=["timeout-error", "errno-only"])
+def test_a_d_bus_call_timed_out_in_the_child_is_a_timeout(error_name):
+    """errors_total{reason="timeout"} is "no answer within --dbus.timeout": sd-bus's timeout comes
+    back from the child as an error reply, which the parent counted as unavailable."""
+    client = client_with_failing_bus(error_name, -errno.ETIMEDOUT)
+    try:
+        result = client.request(wait=10)
+        assert (result.ok, result.failure) == (False, "timeout"), result.message
+        assert "Connection timed out" in result.message
+    finally:
+        client.stop()
+
+
+def test_any_other_d_bus_error_reply_stays_unavailable():
+    client = client_with_failing_bus("org.freedesktop.DBus.Error.AccessDenied", -errno.EACCES)
+    try:
+        result = client.request(wait=10)
+        assert (result.ok, result.failure) == (False, "unavailable"), result.message
+    finally:
+        client.stop()
 
 
 def test_a_closed_pipe_is_a_failed_refresh_not_an_exception():

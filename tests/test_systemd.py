@@ -1,9 +1,13 @@
 """Discovery (exporter/systemd.py) on a stand-in bus, no systemd needed: which ControlGroup
-reads a refresh makes. The real bus and systemd are in tests/test_discovery.py."""
+reads a refresh makes, and how a failure to reach systemd is classified. The real bus and
+systemd are in tests/test_discovery.py."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
+from pystemd.dbusexc import DBusError
 
 from exporter import systemd
 
@@ -83,3 +87,26 @@ def test_a_control_group_with_no_directory_is_not_read_again_every_cycle(bus, tm
     for _ in range(3):
         assert cgroups(discovery.refresh()) == {"job.service": "/elsewhere.slice/job.service"}
     assert bus.gets == ["job.service"]
+
+
+@pytest.mark.parametrize("bus_error, failure", [(-errno.ETIMEDOUT, "timeout"), (-errno.ENOENT, "unavailable")],
+                         ids=["bus-timed-out", "no-bus"])
+def test_connecting_fails_as_a_timeout_when_the_bus_timed_out(monkeypatch, bus, bus_error, failure):
+    """Systemd frozen, exporter unprivileged: the system bus takes no answer in time and the
+    private socket is refused. That is systemd hung (timeout), not absent (unavailable)."""
+
+    class FailingBus(Bus):
+        def __init__(self, *args, **kwargs):
+            self.private = bool(args)  # DBusAddress(address, peer_to_peer=True); DBus()
+
+        def open(self):
+            if self.private:
+                raise DBusError(-errno.EACCES, None, b"Permission denied")
+
+        def get_property(self, *args):
+            raise DBusError(bus_error, None, b"system bus failed")
+
+    monkeypatch.setattr(systemd, "_dbuslib", lambda: (FailingBus, FailingBus))
+    with pytest.raises(systemd.DiscoveryError) as caught:
+        systemd.Discovery(systemd.UnitFilter.build(), "/nonexistent/private", 0.2).refresh()
+    assert caught.value.failure == failure, caught.value
