@@ -26,7 +26,7 @@ from tests.test_sampler import FIXTURES, TREES, load_units, sample_tree
 
 
 def published(snapshot) -> Published:
-    return Published(snapshot, b"", 0, 0.0)
+    return Published(snapshot, b"", 0, 0, 0.0)  # pages read the snapshot, never the body
 
 
 class Dom(HTMLParser):
