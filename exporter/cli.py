@@ -273,8 +273,9 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     _setup_logging(args.log_level if args.log_level != "info" else "warn")
     if args.top < 1:
         parser.error("--top must be at least 1")
-    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout,
-                          _user_units_root(args, parser))
+    cgroup_root, user_units_root = _unit_roots(args, parser)
+    discovery = Discovery(_unit_filter(args, args.units), args.private_socket, args.dbus_timeout, user_units_root,
+                          cgroup_root)
 
     def discover() -> DiscoveryResult:
         try:
@@ -296,17 +297,17 @@ def run_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
-def _user_units_root(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
-    """The hierarchy in which systemd names units (user managers' too), or None without
-    --collector.user-units or without any such hierarchy."""
-    if not args.user_units:
-        return None
+def _unit_roots(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str | None, str | None]:
+    """For discovery: the hierarchy in which systemd names units (None without any), where it
+    checks that a cached ControlGroup still exists; and the same for user managers' units, or
+    None with --no-collector.user-units."""
     from .cgroupfs import detect_layout
 
     try:
-        return detect_layout(args.cgroupfs).procs_root
+        procs_root = detect_layout(args.cgroupfs).procs_root
     except OSError as e:  # a flag naming a file, or a directory we may not read
         parser.error(f"--path.cgroupfs={args.cgroupfs}: cannot read it: {e.strerror}")
+    return procs_root, procs_root if args.user_units else None
 
 
 def _return_big_buffers_to_the_kernel() -> None:
@@ -342,8 +343,9 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser, discov
     _setup_logging(args.log_level)
     _return_big_buffers_to_the_kernel()  # before the fork: the child's malloc gets it too
     if discovery is None:
+        cgroup_root, user_units_root = _unit_roots(args, parser)
         discovery = DiscoveryProcess(args.include, args.exclude, args.types, args.private_socket, args.dbus_timeout,
-                                     _user_units_root(args, parser))
+                                     user_units_root, cgroup_root)
         # Now, while this process has one thread and before the imports the child has no use for
         # (HTTP server, client_python, TLS): the child shares what it has of our pages.
         discovery.fork_first_child()

@@ -53,10 +53,10 @@ class DiscoveryProcess:
     ``stop``; other threads may only ``interrupt``."""
 
     def __init__(self, include: str, exclude: str, types: list[str], private_socket: str, timeout: float,
-                 user_units_root: str | None = None):
+                 user_units_root: str | None = None, cgroup_root: str | None = None):
         self._config = {"include": include, "exclude": exclude, "types": types,
                         "private_socket": private_socket, "timeout": timeout,
-                        "user_units_root": user_units_root,
+                        "user_units_root": user_units_root, "cgroup_root": cgroup_root,
                         "log_level": logging.getLogger().getEffectiveLevel()}
         self._argv = [sys.executable, "-m", "exporter.discovery_process", json.dumps(self._config)]
         # Past this, a refresh is not slow but stuck: kill the child and start another.
@@ -304,7 +304,8 @@ def serve(config: dict, requests=None, replies=None) -> None:
     requests = requests if requests is not None else sys.stdin.buffer
     replies = replies if replies is not None else sys.stdout
     unit_filter = UnitFilter.build(config["include"], config["exclude"], config["types"])
-    discovery = Discovery(unit_filter, config["private_socket"], config["timeout"], config.get("user_units_root"))
+    discovery = Discovery(unit_filter, config["private_socket"], config["timeout"], config.get("user_units_root"),
+                          config.get("cgroup_root"))
     for _request in requests:
         chunks: list[list[tuple]] = []
         try:

@@ -258,14 +258,16 @@ class Discovery:
 
     def __init__(
         self, unit_filter: UnitFilter, private_socket: str = DEFAULT_PRIVATE_SOCKET, timeout: float = DEFAULT_DBUS_TIMEOUT,
-        user_units_root: str | None = None,
+        user_units_root: str | None = None, cgroup_root: str | None = None,
     ):
         """``user_units_root``: the cgroup hierarchy systemd names units in (cgroupfs.Layout's
-        procs_root), to find user managers' units below user@UID.service, and where a cached
-        ControlGroup is checked for still existing; None: no user units and no such check."""
+        procs_root), to find user managers' units below user@UID.service; None: no user units.
+        ``cgroup_root``: that hierarchy, where a cached ControlGroup is checked for still
+        existing (user_units_root when not given); None: no such check."""
         self.unit_filter = unit_filter
         self.private_socket = private_socket
         self.user_units_root = user_units_root
+        self.cgroup_root = cgroup_root if cgroup_root is not None else user_units_root
         self.tree_failures: list[tuple[str, str, str]] = []  # of the latest refresh
         self.transport = "none"  # "system_bus", "private_socket" or "none"
         self._bus = None
@@ -318,7 +320,7 @@ class Discovery:
         return _text(value)
 
     def _cgroup_exists(self, cgroup: str) -> bool:
-        return bool(cgroup) and self.user_units_root is not None and os.path.isdir(self.user_units_root + cgroup)
+        return bool(cgroup) and self.cgroup_root is not None and os.path.isdir(self.cgroup_root + cgroup)
 
     def refresh(self) -> tuple[Unit, ...]:
         """One ListUnits, plus one ControlGroup read per new, changed or moved unit.

@@ -22,13 +22,15 @@ pytestmark = pytest.mark.e2e
 # Runs inside the host: the real Discovery, on the real bus. It only records the ControlGroup
 # reads it makes (a spy: each still goes to systemd) and, when asked, adds to ListUnits' answer a
 # unit whose object does not exist, as a unit that went away between ListUnits and Get looks.
-# With a cgroup hierarchy as its argument (the exporter's user_units_root), it also checks its
-# cached control groups there and answers each unit's.
+# With a cgroup hierarchy as its argument (the exporter's cgroup_root, and user_units_root unless
+# "no-user-units" follows, as --no-collector.user-units), it also checks its cached control
+# groups there and answers each unit's.
 SESSION = r"""
 import json, sys
 from exporter.systemd import Discovery, ListedUnit, UnitFilter
 
 root = sys.argv[1] if len(sys.argv) > 1 else None
+user_units = sys.argv[2:] != ["no-user-units"]
 
 class Recording(Discovery):
     ghost = False
@@ -45,7 +47,7 @@ class Recording(Discovery):
         self.gets.append(unit.name)
         return super()._control_group(bus, unit)
 
-discovery = Recording(UnitFilter.build("th-disc-.*"), user_units_root=root)
+discovery = Recording(UnitFilter.build("th-disc-.*"), user_units_root=root if user_units else None, cgroup_root=root)
 for line in sys.stdin:
     discovery.ghost = line.strip() == "ghost"
     discovery.gets.clear()
@@ -115,13 +117,14 @@ def test_a_unit_gone_before_its_get_is_skipped_and_the_rest_returned(testhost):
         workloads.stop_units(testhost, [unit])
 
 
-def test_a_unit_restarted_into_another_slice_between_two_refreshes_has_its_new_cgroup(testhost):
+@pytest.mark.parametrize("user_units", [True, False], ids=["user-units", "no-user-units"])
+def test_a_unit_restarted_into_another_slice_between_two_refreshes_has_its_new_cgroup(testhost, user_units):
     """Stopped and started again into another slice (systemd-run --unit=X --slice=Y once more)
     between two refreshes, the unit is active/running both times: the state pair alone kept the
     old path, whose reads find nothing, so the sampler dropped the unit. Its old directory is
-    gone, which one stat shows, and that costs one Get."""
+    gone, which one stat shows, and that costs one Get; with --no-collector.user-units too."""
     unit = "th-disc-moved.service"
-    session = Session(testhost, f"/sys/fs/cgroup/{testhost.procs_hierarchy}")
+    session = Session(testhost, f"/sys/fs/cgroup/{testhost.procs_hierarchy}", *([] if user_units else ["no-user-units"]))
     try:
         workloads.start_unit(testhost, unit, ["sleep", "600"], slice="thmoveda.slice")
         before = testhost.unit_cgroup(unit)
