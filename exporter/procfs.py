@@ -205,6 +205,9 @@ class ProcessWalker:
         # is listed twice, and on v1 a process whose threads sit in two cgroups is listed in
         # both for good: counted once, in the first, their common slice does not sum it twice.
         self._counted: set[int] = set()
+        # Processes whose main thread exited while others run, read through a live thread (the
+        # PSS pass reads them so too).
+        self.leaders_gone: set[int] = set()
         self._own_pid_namespace = in_own_pid_namespace(procfs)
 
     def _from_a_live_thread(self, pid: int) -> tuple[int, int, int, int]:
@@ -293,6 +296,7 @@ class ProcessWalker:
                         raise data
                     pid_anon, pid_file, pid_shmem, pid_swap = parse_status_bytes(data)
                     if not (pid_anon or pid_file) and leader_gone_threads_live(data):
+                        self.leaders_gone.add(pid)
                         pid_anon, pid_file, pid_shmem, pid_swap = self._from_a_live_thread(pid)
                 except (OSError, ParseError) as e:
                     if self.errors.read_failed("procfs", f"{self.procfs}/PID/status", e) == VANISHED:

@@ -25,7 +25,7 @@ import errno
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from .cgroupfs import cgroup_path, child_cgroups, read_procs
@@ -124,12 +124,17 @@ class PssCollector:
         self._own_pid_namespace = in_own_pid_namespace(procfs)
         self._statm = os.fsencode(procfs) + b"/%d/statm"
         self._rollup = os.fsencode(procfs) + b"/%d/smaps_rollup"
+        self._leaders_gone: Set[int] = frozenset()
 
     def collect(self, units: Iterable[Unit], procs_root: str | None,
-                listings: Mapping[str, tuple[list[int], list[str]] | None] | None = None) -> PssResult:
+                listings: Mapping[str, tuple[list[int], list[str]] | None] | None = None,
+                leaders_gone: Set[int] = frozenset()) -> PssResult:
         """``procs_root``: the hierarchy holding the units' cgroup.procs (Layout.procs_root).
         ``listings``: the process walk's of this cycle (ProcessWalker.listings), so its
-        cgroup.procs files are not read twice; a cgroup it did not list is read here."""
+        cgroup.procs files are not read twice; a cgroup it did not list is read here.
+        ``leaders_gone``: the walk's processes whose main thread exited while others run
+        (ProcessWalker.leaders_gone): read through a live thread, as the walk read them."""
+        self._leaders_gone = leaders_gone
         # Deepest cgroups first: a service before the slice holding it, so a slice costs only
         # the processes its children did not already read this cycle.
         order = sorted(
@@ -183,19 +188,30 @@ class PssCollector:
         return (-unit.control_group.count("/"), unit.key)
 
     def _read(self, pid: int, result: PssResult) -> Rollup | str:
+        statm, rollup_path = self._statm % pid, self._rollup % pid
+        through_thread = pid in self._leaders_gone
+        if through_thread:
+            # Its leader has no address space to walk (statm all 0, smaps_rollup ESRCH); a live
+            # thread's files show the one they share, the max-rss cap's figure included.
+            tid = live_thread(self.procfs, pid)
+            if tid is None:
+                return NO_MAPPINGS
+            statm, rollup_path = (f"{self.procfs}/{pid}/task/{tid}/{name}" for name in ("statm", "smaps_rollup"))
         try:
-            if parse_statm_resident(read_bytes(self._statm % pid)) > self.max_rss:
+            if parse_statm_resident(read_bytes(statm)) > self.max_rss:
                 result.skipped["max_rss"] += 1
                 return _SKIPPED
-            rollup = parse_smaps_rollup(self._read_rollup(pid))
+            rollup = parse_smaps_rollup(read_bytes(rollup_path).decode("ascii", errors="replace"))
         except (OSError, ParseError) as e:
             reason = failure_reason(e)
             # Gone since the listing (ENOENT at open; ESRCH from the read: no address space left
             # to walk). But hidepid=invisible hides a live process as ENOENT too, and a 0 for it
             # would understate the unit's PSS. Not ESRCH: that entry was there to open (and
-            # kill(pid, 0) is refused to an unprivileged exporter for any other user's process).
+            # kill(pid, 0) is refused to an unprivileged exporter for any other user's process);
+            # nor a thread's entry, which the walk just saw.
             if reason == VANISHED:
-                if not (e.errno == errno.ENOENT and self._own_pid_namespace and hidden_by_hidepid(pid)):
+                if not (e.errno == errno.ENOENT and not through_thread and self._own_pid_namespace
+                        and hidden_by_hidepid(pid)):
                     return NO_MAPPINGS
                 reason, e = PERMISSION, PermissionError(errno.EACCES, "hidden by hidepid")
             self.errors.warn("pss", reason, f"{self.procfs}/PID/smaps_rollup", describe(e))
@@ -203,20 +219,6 @@ class PssCollector:
             return _SKIPPED
         result.read += 1
         return rollup
-
-    def _read_rollup(self, pid: int) -> str:
-        try:
-            return read_bytes(self._rollup % pid).decode("ascii", errors="replace")
-        except OSError as e:
-            # A leader that exited while its threads run has no address space of its own to
-            # walk (ESRCH); a live thread's smaps_rollup walks the one they share.
-            tid = live_thread(self.procfs, pid) if e.errno == errno.ESRCH else None
-            if tid is None:
-                raise
-            try:
-                return read_bytes(f"{self.procfs}/{pid}/task/{tid}/smaps_rollup").decode("ascii", errors="replace")
-            except OSError:
-                raise e from None  # the leader's answer: the process is going (not hidden)
 
     def _subtree_pids(
         self, root: str, cgroup: str, listings: dict[str, tuple[list[int], list[str]] | None]

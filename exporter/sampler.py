@@ -109,7 +109,7 @@ class Sampler:
 
         pss: dict[str, tuple[int, int] | None] = {}
         if self.pss is not None:
-            pss = self.pss.collect(found.units, layout.procs_root, walker.listings).values
+            pss = self.pss.collect(found.units, layout.procs_root, walker.listings, walker.leaders_gone).values
             phase("pss")
 
         units = []

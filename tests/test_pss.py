@@ -210,6 +210,39 @@ def test_a_cycle_with_pss_reads_each_cgroup_procs_once(monkeypatch):
 
 # --------------------------------------------------------------------- on the test host
 @pytest.mark.e2e
+def test_a_process_whose_main_thread_exited_is_read_through_a_live_thread_and_capped_by_its_rss():
+    """A real process of this machine's /proc that ended its main thread (tests/test_hidepid.py's
+    payload): its leader's statm reads 0 and its smaps_rollup ESRCH, so the max-rss cap passed
+    it and its 50 MiB read as no mappings. Given as one of the walk's leaders_gone, a live
+    thread's statm and smaps_rollup are read: the cap applies, and the PSS is there."""
+    import subprocess
+    import sys
+
+    from tests.test_hidepid import LEADER_EXITS
+
+    child = subprocess.Popen([sys.executable, "-c", LEADER_EXITS])
+    try:
+        deadline = time.monotonic() + 15
+        while "State:\tZ" not in Path(f"/proc/{child.pid}/status").read_text():
+            assert time.monotonic() < deadline, "the main thread did not exit"
+            time.sleep(0.05)
+        unit = Unit("x.service", "service", "active", "running", "/x.service")
+        listings = {"/x.service": ([child.pid], [])}  # the walk's: no cgroup.procs is read
+
+        def pss(max_rss: int, leaders_gone) -> tuple:
+            collector = PssCollector("/proc", max_rss=max_rss)
+            result = collector.collect([unit], "/nonexistent", listings, leaders_gone)
+            return result.values[unit.key], dict(result.skipped)
+
+        (own_pss, _), skipped = pss(4 << 30, {child.pid})
+        assert own_pss >= 45 << 20 and not skipped
+        assert pss(1 << 20, {child.pid}) == (None, {"max_rss": 1})
+        assert pss(4 << 30, set()) == ((0, 0), {})  # the leader's own files: what was read before
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
 def test_forked_unit_pss_is_below_its_summed_rss(testhost, workload):
     from tests.testhost import workloads
     from tests.truth import exporter_in_host
