@@ -17,9 +17,13 @@ class CgroupReader:
     """One per cycle: its failed reads are that cycle's (``errors``)."""
 
     def __init__(self, layout: Layout, errors: CycleErrors,
-                 read_each: Callable[[list[str]], list[bytes | OSError]] = read_many):
+                 read_each: Callable[[list[str]], list[bytes | OSError]] = read_many, pressure: bool = True):
         self.layout = layout
         self.errors = errors
+        # pressure=False: PSI is off in this kernel (an earlier cycle's reads were refused), so
+        # the pressure files are not read at all. It cannot be turned on without a reboot.
+        self._pressure = pressure
+        self.pressure_refused = False  # a read was refused this cycle: PSI is off
         # read_many, or a KeptFiles' (exporter/keptfiles.py): descriptors kept across cycles.
         # One call per unit reads its memory files and its memory.pressure.
         self._read_each = read_each
@@ -34,7 +38,7 @@ class CgroupReader:
         directory = cgroup_path(self.layout.memory_root, cgroup)
         paths = [f"{directory}/{name}" for name in self._files]
         pressure_path = None
-        if self.layout.pressure_root is not None:
+        if self.layout.pressure_root is not None and self._pressure:
             pressure_path = f"{cgroup_path(self.layout.pressure_root, cgroup)}/{memfiles.PRESSURE_FILE}"
             paths.append(pressure_path)
         texts: dict[str, str] = {}
@@ -46,7 +50,7 @@ class CgroupReader:
                 # PSI is compiled in but off (psi=0, or CONFIG_PSI_DEFAULT_DISABLED as openEuler
                 # builds it, without psi=1): the files are there and every read refuses. No
                 # pressure figures, as on a kernel without PSI; not a failed read.
-                pass
+                self.pressure_refused = True
             elif self.errors.read_failed("cgroup", path, data) == VANISHED and not os.path.isdir(os.path.dirname(path)):
                 if path != pressure_path:
                     return None  # the unit's cgroup went away mid-read

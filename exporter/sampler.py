@@ -19,7 +19,7 @@ from .cgroupfs import Layout, detect_layout
 from .cgroupreader import CgroupReader
 from .errorlog import CycleErrors, ErrorLog
 from .keptfiles import DEFAULT_KEPT_FILES, KeptFiles, default_limit
-from .kernelfiles import REJECTED, read_bytes
+from .kernelfiles import REJECTED, describe, read_bytes
 from .procfs import ProcessTotals, ProcessWalker
 from .pss import DEFAULT_BUDGET, DEFAULT_MAX_RSS, PssCollector
 from .snapshot import Snapshot, SourceHealth, UnitSample
@@ -58,6 +58,7 @@ class Sampler:
             PssCollector(config.procfs, config.pss_budget, config.pss_max_rss, errors=self.errors) if config.pss else None
         )
         self.files = KeptFiles(default_limit(config.kept_files, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+        self._psi_off = False  # memory.pressure reads were refused: PSI is off until a reboot
 
     def sample(self) -> Snapshot:
         started_wall, started_cpu = time.time(), time.thread_time()
@@ -83,18 +84,21 @@ class Sampler:
                 self.errors.error("cgroup", reason, where, message)
             else:
                 cycle.error("cgroup", reason, where, message)
+        layout_message = None
         try:
             layout = detect_layout(self.config.cgroupfs)
         except OSError as e:  # --path.cgroupfs unreadable (EACCES, ENOTDIR): this cycle has no cgroups
             cycle.read_failed("cgroup", self.config.cgroupfs, e)
-            layout = NOTHING_FOUND
-        reader = CgroupReader(layout, cycle, self.files.read_many)
+            layout, layout_message = NOTHING_FOUND, f"cannot read {self.config.cgroupfs}: {describe(e)}"
+        reader = CgroupReader(layout, cycle, self.files.read_many, pressure=not self._psi_off)
         # Keyed by Unit.key: a user's dbus.service is not the system's.
         memories = {}
         pause = self.pause
         for u in found.units:
             pause()
             memories[u.key] = reader.memory(u.control_group)
+        # Once refused, never read again: 1,000 units made 1,000 failed opens and reads a cycle.
+        self._psi_off = self._psi_off or reader.pressure_refused
         phase("cgroup")
 
         # v1 hands a cgroup.procs descriptor read again within a second the PID list it built for
@@ -121,7 +125,7 @@ class Sampler:
             pss_uss = pss.get(unit.key) or (None, None)
             units.append(UnitSample(unit, processes or ProcessTotals(), memory, *pss_uss))
         cgroup_ok = layout.memory_root is not None and not cycle.failed["cgroup"]
-        sources["cgroup"] = self._health("cgroup", cgroup_ok, _layout_message(layout), started_wall)
+        sources["cgroup"] = self._health("cgroup", cgroup_ok, layout_message or _layout_message(layout), started_wall)
         procfs_ok = layout.procs_root is not None and not cycle.failed["procfs"]
         sources["procfs"] = self._health("procfs", procfs_ok, "", started_wall)
         self.samples_total += 1

@@ -209,7 +209,10 @@ def test_pressure_files_that_refuse_every_read_mean_psi_is_off_not_a_failed_sour
     sampler = Sampler(config, lambda: DiscoveryResult(units, True, "", 1.0, "system_bus"))
     read_many = sampler.files.read_many
 
+    asked = []
+
     def psi_off(paths):
+        asked.extend(path for path in paths if str(path).endswith("/memory.pressure"))
         return [OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) if str(path).endswith("/memory.pressure")
                 else data for path, data in zip(paths, read_many(paths))]
 
@@ -219,6 +222,10 @@ def test_pressure_files_that_refuse_every_read_mean_psi_is_off_not_a_failed_sour
     assert good.units and all(s.memory is None or s.memory.pressure is None for s in snapshot.units)
     assert any(s.memory is not None and s.memory.pressure is not None for s in good.units)
     assert [s.memory and s.memory.usage for s in snapshot.units] == [s.memory and s.memory.usage for s in good.units]
+    # Refused once, not asked again: PSI cannot come on without a reboot.
+    first = len(asked)
+    again = sampler.sample()
+    assert first and len(asked) == first and not again.errors and again.sources["cgroup"].up
 
 
 def test_a_cgroupfs_that_cannot_be_read_is_a_failed_source_not_a_failed_cycle():
@@ -229,6 +236,7 @@ def test_a_cgroupfs_that_cannot_be_read_is_a_failed_source_not_a_failed_cycle():
     config = SamplerConfig(procfs=str(tree / "proc"), cgroupfs=str(tree / "units.json"))
     snapshot = Sampler(config, lambda: DiscoveryResult(units, True, "", 1.0, "system_bus")).sample()
     assert not snapshot.sources["cgroup"].up and snapshot.errors[("cgroup", "io")] == 1
+    assert snapshot.sources["cgroup"].message == f"cannot read {config.cgroupfs}: Not a directory"
     assert snapshot.sources["dbus"].up and snapshot.units == ()
     render(snapshot)
 

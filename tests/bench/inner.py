@@ -167,7 +167,7 @@ def one_cycle(sampler: Sampler, clock: Clock, pause=None) -> dict:
         "processes": root.processes.processes if root else sum(u.processes.processes for u in snapshot.units),
         # body_size since the plain text is no longer kept; a --baseline revision may predate it.
         "body_bytes": getattr(published, "body_size", None) or len(published.body),
-        "body_gzip_bytes": len(published.body_gzip_open),
+        "body_gzip_bytes": len(getattr(published, "body_gzip_open", None) or published.body_gzip),  # a --baseline before 0e8fd30
         "snapshot_cpu_seconds": snapshot.cpu_seconds,
         "errors": sum(snapshot.errors.values()),
     }
