@@ -203,6 +203,10 @@ class ExporterServer(ThreadingHTTPServer):
             self.slots.release()
 
 
+# A GET body read and dropped rather than left unread (Handler._discard_body); larger ones close.
+MAX_DISCARDED_BODY = 64 << 10
+
+
 class Handler(BaseHTTPRequestHandler):
     server: ExporterServer
     protocol_version = "HTTP/1.1"
@@ -231,10 +235,7 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
-        if self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers:
-            # A body nobody reads would be parsed as the next request on this connection (request
-            # smuggling behind a proxy that forwards it): answer this one, then close.
-            self.close_connection = True
+        self._discard_body()
         if not self.path.startswith("/"):
             self.path = _origin_form(self.path)
         web_config = self.server.web_config
@@ -248,6 +249,18 @@ class Handler(BaseHTTPRequestHandler):
             self._page(self.path)  # with its query: ?uid= picks a user manager's unit
         else:
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def _discard_body(self) -> None:
+        """A GET's body means nothing here, but left unread it would be parsed as the next
+        request on this connection (request smuggling behind a proxy that forwards it). One of
+        a known, small length is read and dropped (within the request's deadline); any other
+        (chunked, large, unparsable) ends the connection after this response."""
+        length = self.headers.get("Content-Length", "0").strip()
+        if "Transfer-Encoding" not in self.headers and length.isdigit() and int(length) <= MAX_DISCARDED_BODY:
+            if int(length):
+                self.rfile.read(int(length))
+            return
+        self.close_connection = True
 
     def _metrics(self) -> None:
         loop = self.server.loop
