@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from .kernelfiles import PERMISSION, VANISHED, ParseError, describe, failure_reason
+from .kernelfiles import PERMISSION, REJECTED, VANISHED, ParseError, describe, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,15 @@ class ErrorLog:
 
 
 # user@UID.service and everything below it are delegated to that user: systemd chowns them to
-# the user, who may chmod one of them. The exporter runs as its own unprivileged user
-# (deploy/systemd), so a refused read there is that user's doing: counted and logged, but it
-# leaves source_up alone, or any user could hold it at 0 and fire SourceDown (as REJECTED).
+# the user, who may mkdir any name there or chmod any of it. The exporter runs as its own
+# unprivileged user (deploy/systemd), so a name rejected there (REJECTED) or a refused read
+# there is that user's doing: counted and logged, but it leaves source_up alone, or any user
+# could hold it at 0 and fire SourceDown.
 _USER_MANAGER_TREE = re.compile(r"/user@\d+\.service(?:/|$)")
+
+
+def fails_source(reason: str, where: str) -> bool:
+    return not (reason == REJECTED or (reason == PERMISSION and _USER_MANAGER_TREE.search(where)))
 
 
 class CycleErrors:
@@ -65,7 +70,7 @@ class CycleErrors:
         self.failed: Counter[str] = Counter()
 
     def error(self, source: str, reason: str, where: str, message: str) -> None:
-        if not (reason == PERMISSION and _USER_MANAGER_TREE.search(where)):
+        if fails_source(reason, where):
             self.failed[source] += 1
         self.errors.error(source, reason, where, message)
 

@@ -25,12 +25,10 @@ import logging
 import os
 import resource
 
-from .kernelfiles import MORE_MAY_FOLLOW
+from .kernelfiles import MORE_MAY_FOLLOW, READ_SIZE, VANISHED_ERRNOS
 
 log = logging.getLogger(__name__)
 
-_READ_SIZE = 65536
-_VANISHED = frozenset({errno.ENOENT, errno.ENODEV, errno.ESRCH})
 # Descriptors left for everything else: HTTP connections (128 slots), the listening socket,
 # the discovery child's pipes, logging, the PSS pass and the self metrics' own reads.
 RESERVED_DESCRIPTORS = 1024
@@ -64,7 +62,7 @@ def _read_rest(fd: int, data: bytes, at: int | None) -> bytes:
     end. ``at``: the offset to pread from, or None for the descriptor's own position."""
     chunks = [data]
     while True:
-        chunk = os.read(fd, _READ_SIZE) if at is None else os.pread(fd, _READ_SIZE, at + sum(map(len, chunks)))
+        chunk = os.read(fd, READ_SIZE) if at is None else os.pread(fd, READ_SIZE, at + sum(map(len, chunks)))
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
@@ -100,12 +98,12 @@ class KeptFiles:
             fd = self._read.pop(path, None)  # read twice in one cycle
         if fd is not None:
             try:
-                data = os.pread(fd, _READ_SIZE, 0)
+                data = os.pread(fd, READ_SIZE, 0)
                 if len(data) >= MORE_MAY_FOLLOW:
                     data = _read_rest(fd, data, 0)
             except OSError as e:
                 os.close(fd)
-                if e.errno not in _VANISHED:
+                if e.errno not in VANISHED_ERRNOS:
                     raise
                 # Gone through this descriptor; the path may name a new process or cgroup.
                 self.reopened_total += 1
@@ -128,7 +126,7 @@ class KeptFiles:
             fd = unread.pop(path, None)
             if fd is not None:
                 try:
-                    data = pread(fd, _READ_SIZE, 0)
+                    data = pread(fd, READ_SIZE, 0)
                 except OSError:
                     unread[path] = fd  # read_bytes reads it again, closes it, and opens afresh
                 else:
@@ -162,7 +160,7 @@ class KeptFiles:
                     os.close(kept.pop(next(iter(kept))))
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            data = os.read(fd, _READ_SIZE)
+            data = os.read(fd, READ_SIZE)
             if len(data) >= MORE_MAY_FOLLOW:
                 data = _read_rest(fd, data, None)
         except BaseException:

@@ -55,14 +55,14 @@ def describe(error: OSError | ParseError) -> str:
     return (error.strerror if isinstance(error, OSError) else None) or str(error)
 
 
-_READ_SIZE = 65536
+READ_SIZE = 65536  # the first read of any file (keptfiles.py's too)
 # A seq_file prints into a buffer of a page, and one read returns at most that buffer. A file of
 # one record (status, memory.stat, smaps_rollup: nearly all we read) comes whole, the buffer
 # grown to fit it; a file printed record by record (cgroup.procs: a PID a line) comes a page at
 # a time, each read ending on a whole record. So a read within a record's length of a page, or
 # longer, may have more after it; a shorter one is all there is (records here are at most 64
 # bytes). Taking only a full 64 KiB read for "more" cut a cgroup.procs of 1,200 PIDs to 682.
-MORE_MAY_FOLLOW = min(_READ_SIZE, os.sysconf("SC_PAGE_SIZE")) - 64
+MORE_MAY_FOLLOW = min(READ_SIZE, os.sysconf("SC_PAGE_SIZE")) - 64
 
 
 def read_bytes(path: str | bytes) -> bytes:
@@ -75,10 +75,10 @@ def read_bytes(path: str | bytes) -> bytes:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.read(fd, _READ_SIZE)
+        data = os.read(fd, READ_SIZE)
         if len(data) >= MORE_MAY_FOLLOW:
             chunks = [data]
-            while chunk := os.read(fd, _READ_SIZE):
+            while chunk := os.read(fd, READ_SIZE):
                 chunks.append(chunk)
             data = b"".join(chunks)
     finally:

@@ -124,7 +124,6 @@ class PssCollector:
         self._own_pid_namespace = in_own_pid_namespace(procfs)
         self._statm = os.fsencode(procfs) + b"/%d/statm"
         self._rollup = os.fsencode(procfs) + b"/%d/smaps_rollup"
-        self._leaders_gone: Set[int] = frozenset()
 
     def collect(self, units: Iterable[Unit], procs_root: str | None,
                 listings: Mapping[str, tuple[list[int], list[str]] | None] | None = None,
@@ -134,7 +133,6 @@ class PssCollector:
         cgroup.procs files are not read twice; a cgroup it did not list is read here.
         ``leaders_gone``: the walk's processes whose main thread exited while others run
         (ProcessWalker.leaders_gone): read through a live thread, as the walk read them."""
-        self._leaders_gone = leaders_gone
         # Deepest cgroups first: a service before the slice holding it, so a slice costs only
         # the processes its children did not already read this cycle.
         order = sorted(
@@ -163,7 +161,7 @@ class PssCollector:
                 if self.clock() > deadline:
                     finished = False
                     break
-                processes[pid] = self._read(pid, result)
+                processes[pid] = self._read(pid, result, pid in leaders_gone)
             if not finished:
                 left = rotated[position:]
                 result.deferred_units = len(left)
@@ -187,9 +185,8 @@ class PssCollector:
     def _key(unit: Unit) -> tuple[int, str]:
         return (-unit.control_group.count("/"), unit.key)
 
-    def _read(self, pid: int, result: PssResult) -> Rollup | str:
+    def _read(self, pid: int, result: PssResult, through_thread: bool = False) -> Rollup | str:
         statm, rollup_path = self._statm % pid, self._rollup % pid
-        through_thread = pid in self._leaders_gone
         if through_thread:
             # Its leader has no address space to walk (statm all 0, smaps_rollup ESRCH); a live
             # thread's files show the one they share, the max-rss cap's figure included.

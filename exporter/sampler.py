@@ -19,7 +19,7 @@ from .cgroupfs import Layout, detect_layout
 from .cgroupreader import CgroupReader
 from .errorlog import CycleErrors, ErrorLog
 from .keptfiles import DEFAULT_KEPT_FILES, KeptFiles, default_limit
-from .kernelfiles import REJECTED, describe, read_bytes
+from .kernelfiles import describe, read_bytes
 from .procfs import ProcessTotals, ProcessWalker
 from .pss import DEFAULT_BUDGET, DEFAULT_MAX_RSS, PssCollector
 from .snapshot import Snapshot, SourceHealth, UnitSample
@@ -80,10 +80,7 @@ class Sampler:
 
         cycle = CycleErrors(self.errors)
         for reason, where, message in found.tree_failures:  # the user-unit walk's, in discovery
-            if reason == REJECTED:  # a user's own directory names: counted, not a failed read
-                self.errors.error("cgroup", reason, where, message)
-            else:
-                cycle.error("cgroup", reason, where, message)
+            cycle.error("cgroup", reason, where, message)  # a rejected name fails no source (errorlog)
         layout_message = None
         try:
             layout = detect_layout(self.config.cgroupfs)
