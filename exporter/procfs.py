@@ -145,13 +145,16 @@ def leader_gone_threads_live(data: bytes) -> bool:
     return at >= 0 and b"\nState:\tZ" in data and data[at + 9:data.find(b"\n", at + 1)].strip() not in (b"", b"1")
 
 
-def live_thread(procfs: str, pid: int) -> int | None:
-    """A thread of ``pid`` other than its leader, or None (gone, or none left)."""
+def live_thread_dir(procfs: str, pid: int) -> str | None:
+    """/proc/PID/task/TID of a thread of ``pid`` other than its leader, or None (gone, or none
+    left): where a process whose main thread exited is read (status here, statm and
+    smaps_rollup in exporter/pss.py)."""
+    task = f"{procfs}/{pid}/task"
     try:
-        tids = os.listdir(f"{procfs}/{pid}/task")
+        tids = os.listdir(task)
     except OSError:
         return None
-    return next((int(tid) for tid in tids if tid.isdigit() and int(tid) != pid), None)
+    return next((f"{task}/{tid}" for tid in tids if tid.isdigit() and int(tid) != pid), None)
 
 
 def in_own_pid_namespace(procfs: str) -> bool:
@@ -213,11 +216,11 @@ class ProcessWalker:
     def _from_a_live_thread(self, pid: int) -> tuple[int, int, int, int]:
         """A process's memory from one of its live threads (they share it), when its leader is
         a zombie; nothing when none is left. Rare: one listing and one read more."""
-        tid = live_thread(self.procfs, pid)
-        if tid is None:
+        thread = live_thread_dir(self.procfs, pid)
+        if thread is None:
             return 0, 0, 0, 0
         try:
-            return parse_status_bytes(read_bytes(f"{self.procfs}/{pid}/task/{tid}/status"))
+            return parse_status_bytes(read_bytes(f"{thread}/status"))
         except OSError as e:
             if failure_reason(e) != VANISHED:
                 raise

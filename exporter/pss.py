@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from .cgroupfs import cgroup_path, child_cgroups, read_procs
 from .errorlog import ErrorLog
 from .kernelfiles import PERMISSION, VANISHED, ParseError, describe, failure_reason, parse_uint, read_bytes
-from .procfs import hidden_by_hidepid, in_own_pid_namespace, live_thread
+from .procfs import hidden_by_hidepid, in_own_pid_namespace, live_thread_dir
 from .records import record
 from .systemd import Unit
 
@@ -190,10 +190,10 @@ class PssCollector:
         if through_thread:
             # Its leader has no address space to walk (statm all 0, smaps_rollup ESRCH); a live
             # thread's files show the one they share, the max-rss cap's figure included.
-            tid = live_thread(self.procfs, pid)
-            if tid is None:
+            thread = live_thread_dir(self.procfs, pid)
+            if thread is None:
                 return NO_MAPPINGS
-            statm, rollup_path = (f"{self.procfs}/{pid}/task/{tid}/{name}" for name in ("statm", "smaps_rollup"))
+            statm, rollup_path = f"{thread}/statm", f"{thread}/smaps_rollup"
         try:
             if parse_statm_resident(read_bytes(statm)) > self.max_rss:
                 result.skipped["max_rss"] += 1
